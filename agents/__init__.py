@@ -1,0 +1,27 @@
+"""Agents: thin imperative shells around the pure functions in :mod:`app`.
+
+| agent    | reads                | writes                                            |
+|----------|----------------------|---------------------------------------------------|
+| ingest   | ingest topic (raw)   | dead letters, identity, contact-events            |
+| identity | identity             | contact-events, identity (forwards), dead letters |
+| users    | contact-events       | emarsys-operations                                |
+| output   | emarsys-operations   | emarsys-results, emarsys-dlq, contact-events      |
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from app.faust_app import Runtime
+
+__all__ = ["register_all"]
+
+
+def register_all(rt: Runtime) -> None:
+    from agents import identity, ingest, output, users
+
+    ingest.register(rt)
+    identity.register(rt)
+    users.register(rt)
+    output.register(rt)

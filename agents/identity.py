@@ -1,0 +1,62 @@
+"""Identity agent: anonymousId/userId -> primary key lookups, holding and releasing events."""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any
+
+import orjson
+
+from agents.emit import send_emits
+from app.resolution import Emit, IdentityResolver, IdentityState
+from tables.view import TableView
+
+if TYPE_CHECKING:
+    from app.faust_app import Runtime
+
+__all__ = ["register"]
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def register(rt: Runtime) -> None:
+    s = rt.settings
+    t = rt.tables
+    m = rt.metrics
+
+    @rt.app.agent(rt.topics.identity, name="identity")
+    async def identity(stream):  # type: ignore[no-untyped-def]
+        async for events in stream.take_events(s.worker.batch_max, s.worker.batch_within):
+            by_key: dict[str, Any] = {}
+            for ev in events:
+                by_key[ev.key.decode() if isinstance(ev.key, bytes) else str(ev.key)] = ev
+            state = IdentityState(
+                anonymous_ids=TableView(t.anonymous_ids, by_key),
+                user_ids=TableView(t.user_ids, by_key),
+                held=TableView(t.held_events, by_key),
+            )
+            resolver = IdentityResolver(
+                state,
+                hold_max_per_id=s.identity.hold_max_per_id,
+                hold_expiry_ms=int(s.identity.hold_expiry * 1000),
+                now_ms=_now_ms,
+            )
+            emits: list[Emit] = []
+            for ev in events:
+                key = ev.key.decode() if isinstance(ev.key, bytes) else str(ev.key)
+                emits.extend(resolver.handle(key, orjson.loads(ev.value)))
+            for view in (state.anonymous_ids, state.user_ids, state.held):
+                assert isinstance(view, TableView)
+                view.flush()
+            st = resolver.stats
+            if st.held:
+                m.held.inc(st.held)
+            if st.released:
+                m.released.inc(st.released)
+            if st.expired:
+                m.expired.labels("expired").inc(st.expired)
+            if st.overflow:
+                m.expired.labels("overflow").inc(st.overflow)
+            await send_emits(rt, emits)

@@ -1,0 +1,129 @@
+"""Output agent: Emarsys operations -> batched, rate-limited, retried Emarsys API calls.
+
+Offsets of an operation are committed only after Emarsys accepted it or it was
+dead-lettered (``take_events`` acks a batch after this body returns, and the
+client retries transient failures until they succeed).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+import orjson
+
+from agents.emit import send_json
+from app.emarsys.client import CallResult
+from app.emarsys.factory import emarsys_client_from_settings
+from app.emarsys.batching import ContactChange, ContactUpsertBatcher
+
+if TYPE_CHECKING:
+    from app.faust_app import Runtime
+
+__all__ = ["register"]
+
+log = logging.getLogger("emarsys_stream.output")
+
+
+def register(rt: Runtime) -> None:
+    s = rt.settings
+    m = rt.metrics
+    topics = rt.topics
+
+    async def record_result(result: CallResult, contacts: int) -> None:
+        outcome = "ok" if result.ok else "permanent_error"
+        m.emarsys_calls.labels(result.endpoint, outcome).inc()
+        m.emarsys_latency.labels(result.endpoint).observe(result.latency_seconds)
+        for reason, n in (result.retries_by_reason or {}).items():
+            if n:
+                m.emarsys_retries.labels(reason).inc(n)
+        await send_json(
+            topics.results,
+            None,
+            {
+                "endpoint": result.endpoint,
+                "method": result.method,
+                "path": result.path,
+                "status": result.status,
+                "reply_code": result.reply_code,
+                "reply_text": result.reply_text,
+                "ok": result.ok,
+                "contacts": contacts,
+                "errors": len(result.contact_errors or {}),
+                "attempts": result.attempts,
+                "latency_ms": round(result.latency_seconds * 1000, 1),
+                "at_ms": int(time.time() * 1000),
+            },
+        )
+
+    async def dead_letter(
+        endpoint: str,
+        request: dict[str, Any],
+        result: CallResult,
+        primary_keys: list[str],
+        errors: dict[str, Any] | None,
+    ) -> None:
+        m.emarsys_dead_letters.labels(endpoint).inc(len(primary_keys))
+        await send_json(
+            topics.emarsys_dead_letters,
+            primary_keys[0] if len(primary_keys) == 1 else None,
+            {
+                "endpoint": endpoint,
+                "primary_keys": primary_keys,
+                "request": request,
+                "response": {
+                    "status": result.status,
+                    "reply_code": result.reply_code,
+                    "reply_text": result.reply_text,
+                    "errors": errors,
+                },
+                "at_ms": int(time.time() * 1000),
+            },
+        )
+
+    async def feedback(pk: str, fields: dict[str, Any], contact_missing: bool) -> None:
+        # Tell the users agent the values were not stored, so they are sent again later.
+        await send_json(
+            topics.contact_events,
+            pk,
+            {"kind": "send_failed", "primary_key": pk, "fields": fields,
+             "contact_missing": contact_missing},
+        )
+
+    @rt.app.agent(topics.operations, name="output")
+    async def output(stream):  # type: ignore[no-untyped-def]
+        async with emarsys_client_from_settings(s) as client:
+            async for events in stream.take_events(s.worker.output_batch_max, s.emarsys.flush_interval):
+                changes_by_key: dict[str, list[ContactChange]] = {}
+                for ev in events:
+                    op = orjson.loads(ev.value)
+                    if op.get("op") != "contact_upsert":
+                        log.warning("unknown operation %r skipped", op.get("op"))
+                        continue
+                    changes_by_key.setdefault(op["key_id"], []).append(
+                        ContactChange(op["primary_key"], op["fields"], int(op["event_time_ms"]))
+                    )
+                for key_id, changes in changes_by_key.items():
+                    batcher = ContactUpsertBatcher(key_id, max_contacts=s.emarsys.batch_size)
+                    for contacts in batcher.batches(changes):
+                        result = await client.upsert_contacts(key_id, contacts)
+                        await record_result(result, len(contacts))
+                        if result.ok and not result.contact_errors:
+                            continue
+                        if result.ok:
+                            failed = [c for c in contacts if str(c.get(key_id)) in result.contact_errors]
+                        else:
+                            failed = contacts
+                        errors = result.contact_errors if result.ok else None
+                        await dead_letter(
+                            "contact_upsert",
+                            {"key_id": key_id, "contacts": failed},
+                            result,
+                            [str(c.get(key_id)) for c in failed],
+                            errors,
+                        )
+                        for c in failed:
+                            pk = str(c.get(key_id))
+                            fields = {f: v for f, v in c.items() if f != key_id}
+                            await feedback(pk, fields, contact_missing=True)

@@ -1,0 +1,89 @@
+"""Users agent: the intermediate users table, dedupe and data maps -> Emarsys operations."""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any
+
+import orjson
+
+from agents.emit import send_json
+from app.contacts import ContactUpdater
+from app.data_map import DataMap, FieldMapping
+from app.identity import UserRecord
+from tables.view import TableView
+
+if TYPE_CHECKING:
+    from app.faust_app import Runtime
+
+__all__ = ["register", "data_map_from_settings"]
+
+
+def data_map_from_settings(rt: Runtime) -> DataMap:
+    return DataMap(
+        [
+            FieldMapping(
+                paths=tuple(m.from_),
+                field_id=m.field_id,
+                transform=m.transform,
+                allow_empty=m.allow_empty,
+            )
+            for m in rt.settings.data_map
+        ]
+    )
+
+
+def register(rt: Runtime) -> None:
+    s = rt.settings
+    t = rt.tables
+    m = rt.metrics
+    updater = ContactUpdater(
+        data_map_from_settings(rt),
+        key_field_id=s.identity.primary_key.field_id,
+        max_ids=s.identity.max_ids_per_user,
+        dedupe_window_ms=int(s.dedupe.window * 1000),
+    )
+
+    @rt.app.agent(rt.topics.contact_events, name="users")
+    async def users(stream):  # type: ignore[no-untyped-def]
+        async for events in stream.take_events(s.worker.batch_max, s.worker.batch_within):
+            by_pk: dict[str, Any] = {}
+            items: list[tuple[str, dict[str, Any]]] = []
+            for ev in events:
+                pk = ev.key.decode() if isinstance(ev.key, bytes) else str(ev.key)
+                by_pk[pk] = ev
+                items.append((pk, orjson.loads(ev.value)))
+            users_view = TableView(t.users, by_pk)
+            # dedupe keys are messageIds, stored in the partition of their contact.
+            seen_events: dict[str, Any] = {}
+            seen_view = TableView(t.dedupe, seen_events)
+            for pk, msg in items:
+                event = msg.get("event")
+                if isinstance(event, dict) and isinstance(event.get("messageId"), str):
+                    seen_events[event["messageId"]] = by_pk[pk]
+
+            def load_user(pk: str) -> UserRecord | None:
+                raw = users_view.get(pk)
+                return None if raw is None else UserRecord.from_dict(raw)
+
+            def load_seen(mid: str) -> int | None:
+                value = seen_view.get(mid)
+                return None if value is None else int(value)
+
+            batch = updater.process(items, load_user, load_seen, int(time.time() * 1000))
+            for pk, rec in batch.users.items():
+                users_view[pk] = rec.to_dict()
+            for mid, at in batch.seen.items():
+                seen_view[mid] = at
+            users_view.flush()
+            seen_view.flush()
+            if batch.new_users:
+                m.users_created.inc(len(batch.new_users))
+            if batch.duplicates:
+                m.duplicates.inc(batch.duplicates)
+            if batch.unchanged:
+                m.unchanged.inc(batch.unchanged)
+            ops = updater.finish(batch)
+            m.contact_changes.inc(len(ops))
+            for op in ops:
+                await send_json(rt.topics.operations, op["primary_key"], op)

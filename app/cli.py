@@ -1,0 +1,220 @@
+"""`emarsys-stream` command line: run | worker | simulator | broker | send | check-config."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+import yaml
+
+from app.broker import EmbeddedBroker, free_port, wait_for_port
+from app.settings import ConfigError, Settings, load_settings
+
+__all__ = ["main", "cli"]
+
+cli = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Segment events on Kafka -> users table, data maps -> Emarsys API.",
+)
+
+ConfigOpt = Annotated[Path, typer.Option("--config", "-c", help="YAML config file")]
+
+
+def _load_or_exit(path: Path | str, env: dict[str, str] | None = None) -> Settings:
+    try:
+        return load_settings(path, env=env)
+    except ConfigError as exc:
+        typer.echo(f"invalid config {path}:", err=True)
+        for err in exc.errors:
+            typer.echo(f"  - {err}", err=True)
+        raise typer.Exit(2) from None
+
+
+@cli.command("check-config")
+def check_config(path: Annotated[Path, typer.Argument(help="YAML config file")]) -> None:
+    """Validate a config file and print every error with its key path."""
+    settings = _load_or_exit(path)
+    typer.echo(f"{path}: OK (ingest topic {settings.kafka.ingest_topic!r}, "
+               f"{len(settings.data_map)} data map entries)")
+
+
+def _start_worker(settings: Settings, loglevel: str = "info") -> None:
+    """Run a Faust worker in this process until stopped (Ctrl-C / SIGTERM)."""
+    import faust
+
+    from app.faust_app import build_runtime
+
+    if not settings.kafka.bootstrap_servers:
+        typer.echo("kafka.bootstrap_servers is not set (or use `emarsys-stream run`)", err=True)
+        raise typer.Exit(2)
+    Path(settings.data_dir).mkdir(parents=True, exist_ok=True)
+    rt = build_runtime(settings)
+    worker = faust.Worker(rt.app, loglevel=loglevel, quiet=True)
+    worker.execute_from_commandline()
+
+
+@cli.command()
+def worker(
+    config: ConfigOpt,
+    loglevel: Annotated[str, typer.Option(help="debug|info|warning")] = "info",
+) -> None:
+    """Run a worker against the configured Kafka cluster and Emarsys account."""
+    settings = _load_or_exit(config)
+    _start_worker(settings, loglevel)
+
+
+@cli.command()
+def run(
+    config: Annotated[Path | None, typer.Option("--config", "-c", help="YAML config")] = None,
+    simulator_port: Annotated[int, typer.Option(help="0 = pick a free port")] = 0,
+    broker_port: Annotated[int, typer.Option(help="0 = pick a free port")] = 0,
+) -> None:
+    """Run everything on this machine: embedded broker (if no bootstrap_servers is
+    configured), Emarsys simulator (if no config file is given) and a worker."""
+    from app.defaults import DEFAULT_CONFIG_YAML
+
+    procs: list[subprocess.Popen[bytes]] = []
+    broker: EmbeddedBroker | None = None
+    env = dict(os.environ)
+    try:
+        if config is None:
+            tmp = Path(tempfile.mkdtemp(prefix="emarsys-stream-")) / "config.yaml"
+            tmp.write_text(DEFAULT_CONFIG_YAML)
+            config_path = tmp
+            port = simulator_port or free_port()
+            procs.append(subprocess.Popen(
+                [sys.executable, "-m", "app.cli", "simulator", "--port", str(port)],
+                start_new_session=True,
+            ))
+            if not wait_for_port("127.0.0.1", port, 15):
+                typer.echo("the Emarsys simulator did not start", err=True)
+                raise typer.Exit(1)
+            sim_url = f"http://127.0.0.1:{port}/api/v2/"
+            data = yaml.safe_load(DEFAULT_CONFIG_YAML)
+            data["emarsys"]["api_url"] = sim_url
+            tmp.write_text(yaml.safe_dump(data))
+        else:
+            config_path = config
+            sim_url = None
+        settings = _load_or_exit(config_path, env)
+        if not settings.kafka.bootstrap_servers:
+            broker = EmbeddedBroker(port=broker_port).start()
+            env["KAFKA_BOOTSTRAP_SERVERS"] = broker.bootstrap_servers
+            settings = _load_or_exit(config_path, env)
+        typer.echo("")
+        typer.echo("emarsys-stream is starting")
+        if broker is not None:
+            typer.echo(f"  Kafka (embedded, in-memory only): {broker.bootstrap_servers}")
+        else:
+            typer.echo(f"  Kafka: {settings.kafka.bootstrap_servers}")
+        if sim_url:
+            typer.echo(f"  Emarsys simulator:  {sim_url}  (calls: {sim_url.split('/api')[0]}/_sim/calls)")
+        typer.echo(f"  Worker web:        http://{settings.web.host}:{settings.web.port}/metrics")
+        typer.echo(f"  Send events:       emarsys-stream send examples/events.jsonl "
+                   f"--bootstrap-servers {settings.kafka.bootstrap_servers}")
+        typer.echo("  Stop with Ctrl-C.\n")
+        _start_worker(settings)
+    finally:
+        for proc in procs:
+            with contextlib.suppress(Exception):
+                proc.terminate()
+                proc.wait(10)
+        if broker is not None:
+            broker.stop()
+
+
+@cli.command()
+def simulator(
+    host: Annotated[str, typer.Option()] = "127.0.0.1",
+    port: Annotated[int, typer.Option()] = 8085,
+    rate_limit: Annotated[int, typer.Option(help="requests per minute per user; 0 = off")] = 1000,
+    error_rate: Annotated[float, typer.Option(help="fraction of calls answered 5xx")] = 0.0,
+) -> None:
+    """Run the Emarsys API simulator (user sim-user / secret sim-secret)."""
+    from app.simulator import SimulatorOptions, run_simulator_forever
+
+    run_simulator_forever(
+        host, port, SimulatorOptions(rate_limit_per_minute=rate_limit, error_rate=error_rate)
+    )
+
+
+@cli.command()
+def broker(port: Annotated[int, typer.Option()] = 9092) -> None:
+    """Run the embedded Kafka-protocol broker (memory only) in the foreground."""
+    b = EmbeddedBroker(port=port).start()
+    typer.echo(f"embedded broker listening on {b.bootstrap_servers} (data in memory only); Ctrl-C stops")
+    try:
+        while b.running:
+            import time
+
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        b.stop()
+
+
+@cli.command()
+def send(
+    file: Annotated[Path, typer.Argument(help="JSON lines file, one Segment event per line")],
+    config: Annotated[Path | None, typer.Option("--config", "-c")] = None,
+    bootstrap_servers: Annotated[str | None, typer.Option(help="overrides the config")] = None,
+    topic: Annotated[str | None, typer.Option(help="default: kafka.ingest_topic")] = None,
+) -> None:
+    """Produce a JSON-lines file of Segment events to the ingest topic (with progress)."""
+    servers = bootstrap_servers
+    target = topic
+    if config is not None:
+        s = _load_or_exit(config)
+        servers = servers or s.kafka.bootstrap_servers
+        target = target or s.kafka.ingest_topic
+    servers = servers or os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
+    if not servers:
+        typer.echo("give --bootstrap-servers or a --config with kafka.bootstrap_servers", err=True)
+        raise typer.Exit(2)
+    if not file.exists():
+        typer.echo(f"{file}: no such file", err=True)
+        raise typer.Exit(2)
+    n = asyncio.run(_send_file(file, servers, target or "segment.events"))
+    typer.echo(f"sent {n} events to {target or 'segment.events'} on {servers}")
+
+
+async def _send_file(file: Path, servers: str, topic: str) -> int:
+    from aiokafka import AIOKafkaProducer
+    from tqdm import tqdm
+
+    lines = [ln for ln in file.read_bytes().splitlines() if ln.strip()]
+    producer = AIOKafkaProducer(bootstrap_servers=servers, linger_ms=5)
+    await producer.start()
+    try:
+        futures: list[Any] = []
+        with tqdm(total=len(lines), unit="ev", desc=f"send -> {topic}") as bar:
+            for line in lines:
+                futures.append(await producer.send(topic, line))
+                if len(futures) >= 1000:
+                    await asyncio.gather(*futures)
+                    bar.update(len(futures))
+                    futures.clear()
+            await asyncio.gather(*futures)
+            bar.update(len(futures))
+    finally:
+        await producer.stop()
+    return len(lines)
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    cli()
+
+
+if __name__ == "__main__":
+    main()

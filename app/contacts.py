@@ -1,0 +1,180 @@
+"""From ``contact-events`` to Emarsys contact operations (pure; the users agent runs it).
+
+Per batch of messages keyed by primary key:
+* drop duplicate messageIds seen within the dedupe window;
+* update the contact's :class:`~app.identity.UserRecord` (ids, times, counters);
+* apply the data map; keep only fields whose value differs from what was last
+  queued for Emarsys (so an unchanged identify costs no API call);
+* merge everything one contact needs into one upsert operation per batch
+  (later event time wins per field);
+* ``send_failed`` feedback from the output agent forgets refused values so that the
+  next event carrying them sends them again.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from app.data_map import DataMap
+from app.identity import UserRecord, apply_event, changed_fields, forget_failed_fields, mark_fields_queued
+
+__all__ = ["ContactBatch", "ContactUpdater", "upsert_operation"]
+
+
+def upsert_operation(
+    pk: str, key_id: int, fields: dict[str, Any], event_time_ms: int, message_ids: list[str]
+) -> dict[str, Any]:
+    """Payload of one ``emarsys-operations`` record (documented in README)."""
+    return {
+        "op": "contact_upsert",
+        "primary_key": pk,
+        "key_id": str(key_id),
+        "fields": fields,
+        "event_time_ms": event_time_ms,
+        "message_ids": message_ids,
+    }
+
+
+@dataclass
+class ContactBatch:
+    """What one batch changed: records and dedupe entries to write, operations to send."""
+
+    users: dict[str, UserRecord] = field(default_factory=dict)
+    new_users: set[str] = field(default_factory=set)
+    seen: dict[str, int] = field(default_factory=dict)
+    operations: dict[str, dict[str, Any]] = field(default_factory=dict)
+    duplicates: int = 0
+    unchanged: int = 0
+    events: int = 0
+
+
+class ContactUpdater:
+    def __init__(
+        self,
+        data_map: DataMap,
+        *,
+        key_field_id: int,
+        max_ids: int,
+        dedupe_window_ms: int,
+        max_message_ids: int = 20,
+    ) -> None:
+        self.data_map = data_map
+        self.key_field_id = key_field_id
+        self.max_ids = max_ids
+        self.dedupe_window_ms = dedupe_window_ms
+        self.max_message_ids = max_message_ids
+
+    def process(
+        self,
+        items: list[tuple[str, dict[str, Any]]],
+        load_user: Callable[[str], UserRecord | None],
+        load_seen: Callable[[str], int | None],
+        now_ms: int,
+    ) -> ContactBatch:
+        batch = ContactBatch()
+        for pk, msg in items:
+            kind = msg.get("kind")
+            if kind == "send_failed":
+                self._forget(batch, pk, msg, load_user)
+            elif kind == "event":
+                self._event(batch, pk, msg, load_user, load_seen, now_ms)
+        return batch
+
+    def _record(
+        self, batch: ContactBatch, pk: str, load_user: Callable[[str], UserRecord | None]
+    ) -> UserRecord | None:
+        rec = batch.users.get(pk)
+        if rec is None:
+            rec = load_user(pk)
+        return rec
+
+    def _event(
+        self,
+        batch: ContactBatch,
+        pk: str,
+        msg: dict[str, Any],
+        load_user: Callable[[str], UserRecord | None],
+        load_seen: Callable[[str], int | None],
+        now_ms: int,
+    ) -> None:
+        event = msg["event"]
+        mid = event.get("messageId")
+        if isinstance(mid, str):
+            seen_at = batch.seen.get(mid)
+            if seen_at is None:
+                seen_at = load_seen(mid)
+            if seen_at is not None and now_ms - seen_at < self.dedupe_window_ms:
+                batch.duplicates += 1
+                return
+            batch.seen[mid] = now_ms
+        batch.events += 1
+        ts = int(msg["ts"])
+        before = self._record(batch, pk, load_user)
+        ev_type = str(event.get("type"))
+        user_id = event.get("userId")
+        anon_id = event.get("anonymousId")
+        if ev_type == "alias" and isinstance(event.get("previousId"), str):
+            # previousId is the identity the user had before (usually an anonymousId).
+            rec = apply_event(before, pk, ev_type, None, event["previousId"], ts, max_ids=self.max_ids)
+            rec = apply_event(rec, pk, ev_type, _sid(user_id), None, ts, max_ids=self.max_ids)
+            rec.event_count -= 1  # one event, two id updates
+            rec.counts_by_type[ev_type] = rec.counts_by_type.get(ev_type, 1) - 1
+        else:
+            rec = apply_event(before, pk, ev_type, _sid(user_id), _sid(anon_id), ts, max_ids=self.max_ids)
+        if before is None:
+            batch.new_users.add(pk)
+        batch.users[pk] = rec
+        fields = self.data_map.fields_for(event)
+        changed = changed_fields(rec, fields)
+        new_contact = not rec.created_in_emarsys
+        if not changed and not new_contact:
+            batch.unchanged += 1
+            return
+        mark_fields_queued(rec, changed)
+        rec.created_in_emarsys = True
+        op = batch.operations.get(pk)
+        if op is None:
+            op = upsert_operation(pk, self.key_field_id, {}, ts, [])
+            op["_field_ts"] = {}
+            batch.operations[pk] = op
+        field_ts: dict[str, int] = op["_field_ts"]
+        for fid, value in changed.items():
+            if ts >= field_ts.get(fid, -1):  # later event time wins per field
+                op["fields"][fid] = value
+                field_ts[fid] = ts
+        op["event_time_ms"] = max(op["event_time_ms"], ts)
+        if isinstance(mid, str) and len(op["message_ids"]) < self.max_message_ids:
+            op["message_ids"].append(mid)
+
+    def _forget(
+        self,
+        batch: ContactBatch,
+        pk: str,
+        msg: dict[str, Any],
+        load_user: Callable[[str], UserRecord | None],
+    ) -> None:
+        rec = self._record(batch, pk, load_user)
+        if rec is None:
+            return
+        forget_failed_fields(rec, msg.get("fields") or {})
+        if msg.get("contact_missing"):
+            rec.created_in_emarsys = False
+        batch.users[pk] = rec
+
+    @staticmethod
+    def finish(batch: ContactBatch) -> list[dict[str, Any]]:
+        ops = []
+        for op in batch.operations.values():
+            op.pop("_field_ts", None)
+            ops.append(op)
+        return ops
+
+
+def _sid(value: Any) -> str | None:
+    if isinstance(value, str) and value:
+        return value
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    return None

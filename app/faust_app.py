@@ -1,0 +1,140 @@
+"""The Faust app: settings -> app, topics, tables and agents of one worker.
+
+Agents are registered by the modules in :mod:`agents`; this module only wires them.
+Topic payloads are documented in README.md ("Topics") and never change shape
+without a version bump.
+"""
+
+from __future__ import annotations
+
+import ssl
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import faust
+
+from app.metrics import Metrics
+from tables.definitions import Tables, define_tables
+
+if TYPE_CHECKING:
+    from app.settings import Settings
+
+__all__ = ["Runtime", "Topics", "build_runtime", "faust_settings"]
+
+
+@dataclass(frozen=True)
+class Topics:
+    ingest: faust.TopicT
+    dead_letters: faust.TopicT
+    identity: faust.TopicT
+    contact_events: faust.TopicT
+    operations: faust.TopicT
+    results: faust.TopicT
+    emarsys_dead_letters: faust.TopicT
+
+
+@dataclass
+class Runtime:
+    """Everything an agent needs: the app, its settings, topics, tables, metrics."""
+
+    settings: Settings
+    app: faust.App
+    topics: Topics
+    tables: Tables
+    metrics: Metrics
+    state: dict[str, Any] = field(default_factory=dict)
+
+
+def _credentials(settings: Settings) -> Any:
+    k = settings.kafka
+    proto = (k.security_protocol or "PLAINTEXT").upper()
+    if proto == "PLAINTEXT":
+        return None
+    context: ssl.SSLContext | None = None
+    if proto in ("SSL", "SASL_SSL"):
+        context = ssl.create_default_context(cafile=k.ssl_cafile or None)
+        if k.ssl_certfile:
+            context.load_cert_chain(k.ssl_certfile, k.ssl_keyfile or None)
+    if proto.startswith("SASL"):
+        password = k.sasl_password.get_secret_value() if k.sasl_password else ""
+        return faust.SASLCredentials(
+            username=k.sasl_username,
+            password=password,
+            mechanism=k.sasl_mechanism,
+            ssl_context=context,
+        )
+    return faust.SSLCredentials(context)
+
+
+def faust_settings(settings: Settings) -> dict[str, Any]:
+    """Faust/aiokafka settings derived from our config (tuned for batched agents)."""
+    k = settings.kafka
+    servers = [s.strip() for s in (k.bootstrap_servers or "").split(",") if s.strip()]
+    tuning = settings.worker
+    return {
+        "id": k.app_id,
+        "broker": [f"kafka://{s}" for s in servers],
+        "broker_credentials": _credentials(settings),
+        "store": settings.store,
+        "datadir": settings.data_dir,
+        "topic_partitions": k.partitions,
+        "topic_replication_factor": k.replication_factor,
+        "consumer_auto_offset_reset": "earliest",
+        "broker_session_timeout": tuning.session_timeout,
+        "broker_heartbeat_interval": tuning.heartbeat_interval,
+        "broker_commit_interval": tuning.commit_interval,
+        "broker_max_poll_records": tuning.max_poll_records,
+        "stream_buffer_maxsize": tuning.stream_buffer_maxsize,
+        "stream_wait_empty": False,
+        "producer_linger_ms": tuning.producer_linger_ms,
+        "producer_max_request_size": 16 * 1024 * 1024,
+        "table_standby_replicas": tuning.standby_replicas,
+        "web_enabled": True,
+        "web_host": settings.web.host,
+        "web_port": settings.web.port,
+        "web_bind": settings.web.host,
+        "key_serializer": "raw",
+        "value_serializer": "raw",
+    }
+
+
+def _topic(app: faust.App, name: str, partitions: int | None, **kw: Any) -> faust.TopicT:
+    return app.topic(
+        name,
+        key_type=bytes,
+        value_type=bytes,
+        key_serializer="raw",
+        value_serializer="raw",
+        partitions=partitions,
+        internal=True,  # created when missing (Apache Kafka and the embedded broker alike)
+        **kw,
+    )
+
+
+def build_runtime(settings: Settings, *, agents: bool = True) -> Runtime:
+    app = faust.App(**faust_settings(settings))
+    n = settings.kafka.partitions
+    topics = Topics(
+        ingest=_topic(app, settings.kafka.ingest_topic, n),
+        dead_letters=_topic(app, settings.kafka.dead_letter_topic, n),
+        identity=_topic(app, settings.topic("identity"), n),
+        contact_events=_topic(app, settings.topic("contact-events"), n),
+        operations=_topic(app, settings.topic("emarsys-operations"), n),
+        results=_topic(app, settings.topic("emarsys-results"), n),
+        emarsys_dead_letters=_topic(app, settings.topic("emarsys-dlq"), n),
+    )
+    rt = Runtime(
+        settings=settings,
+        app=app,
+        topics=topics,
+        tables=define_tables(app, n),
+        metrics=Metrics(),
+    )
+    if agents:
+        from agents import register_all
+
+        register_all(rt)
+    from app.web import register_views
+
+    register_views(rt)
+    return rt

@@ -1,0 +1,196 @@
+"""Identity merging for the users table (pure, no I/O).
+
+A :class:`UserRecord` is the value stored per primary key (e.g. the normalised email):
+the Segment ``userId``/``anonymousId`` values seen for that person, first/last event time,
+event counts, and ``fields_sent`` (the last value queued to Emarsys per field id, so an
+unchanged field is not sent again).
+
+The functions here *mutate and return* the record they are given (no copies in the hot
+path). ``to_dict()`` / ``from_dict()`` copy, so a stored dict never aliases a live record.
+
+Id lists are ordered by recency of processing (the most recently seen id is last); an id
+already present moves to the end; the list keeps at most ``max_ids`` ids, dropping the
+oldest. Field values compare strictly (same type and equal), so ``1``, ``1.0``, ``True`` and
+``"1"`` are all different values.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "UserRecord",
+    "apply_event",
+    "changed_fields",
+    "forget_failed_fields",
+    "mark_fields_queued",
+]
+
+#: Version of the ``to_dict()`` shape written by this code.
+SCHEMA_VERSION: Final = 1
+
+_ABSENT: Final = object()
+
+
+@dataclass(slots=True)
+class UserRecord:
+    primary_key: str
+    user_ids: list[str]
+    anonymous_ids: list[str]
+    first_seen_ms: int
+    last_seen_ms: int
+    fields_sent: dict[str, Any]
+    event_count: int = 0
+    counts_by_type: dict[str, int] = field(default_factory=dict)
+    created_in_emarsys: bool = False
+    version: int = SCHEMA_VERSION
+
+    def to_dict(self) -> dict[str, Any]:
+        """Stable JSON-ready shape (keys always present; lists and dicts copied)."""
+        return {
+            "primary_key": self.primary_key,
+            "user_ids": list(self.user_ids),
+            "anonymous_ids": list(self.anonymous_ids),
+            "first_seen_ms": self.first_seen_ms,
+            "last_seen_ms": self.last_seen_ms,
+            "fields_sent": dict(self.fields_sent),
+            "event_count": self.event_count,
+            "counts_by_type": dict(self.counts_by_type),
+            "created_in_emarsys": self.created_in_emarsys,
+            "version": self.version,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> UserRecord:
+        """Inverse of :meth:`to_dict`; tolerant to missing/unknown keys and wrong-typed entries.
+
+        Only ``primary_key`` is required (``ValueError`` otherwise). Unknown keys are ignored
+        (written by a newer version); ids that are not strings are dropped.
+        """
+        pk = data.get("primary_key")
+        if not isinstance(pk, str) or not pk:
+            raise ValueError("user record without a primary_key")
+        first = _as_int(data.get("first_seen_ms"), 0)
+        last = _as_int(data.get("last_seen_ms"), first)
+        fields_sent = data.get("fields_sent")
+        counts = data.get("counts_by_type")
+        return cls(
+            primary_key=pk,
+            user_ids=_str_list(data.get("user_ids")),
+            anonymous_ids=_str_list(data.get("anonymous_ids")),
+            first_seen_ms=first,
+            last_seen_ms=last,
+            fields_sent=(
+                {str(k): v for k, v in fields_sent.items()}
+                if isinstance(fields_sent, Mapping)
+                else {}
+            ),
+            event_count=_as_int(data.get("event_count"), 0),
+            counts_by_type=(
+                {str(k): _as_int(v, 0) for k, v in counts.items()}
+                if isinstance(counts, Mapping)
+                else {}
+            ),
+            created_in_emarsys=bool(data.get("created_in_emarsys", False)),
+            version=_as_int(data.get("version"), SCHEMA_VERSION),
+        )
+
+
+def _as_int(value: Any, default: int) -> int:
+    if isinstance(value, bool):
+        return default
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return default
+
+
+def _str_list(value: Any) -> list[str]:
+    if not isinstance(value, list | tuple):
+        return []
+    return [v for v in value if isinstance(v, str) and v]
+
+
+def _push_id(ids: list[str], new_id: str, max_ids: int) -> None:
+    if ids and ids[-1] == new_id:
+        return
+    try:
+        ids.remove(new_id)
+    except ValueError:
+        pass
+    ids.append(new_id)
+    excess = len(ids) - max_ids
+    if excess > 0:
+        del ids[:excess]
+
+
+def apply_event(
+    record: UserRecord | None,
+    pk: str,
+    ev_type: str,
+    user_id: str | None,
+    anonymous_id: str | None,
+    ts_ms: int,
+    *,
+    max_ids: int,
+) -> UserRecord:
+    """Create (``record is None``) or update the record for one event; returns it.
+
+    ``ValueError`` if ``max_ids < 1`` or ``record.primary_key != pk``.
+    """
+    if max_ids < 1:
+        raise ValueError(f"max_ids must be >= 1, got {max_ids}")
+    if record is None:
+        record = UserRecord(pk, [], [], ts_ms, ts_ms, {})
+    elif record.primary_key != pk:
+        raise ValueError("record belongs to another primary key")
+    else:
+        if ts_ms < record.first_seen_ms:
+            record.first_seen_ms = ts_ms
+        if ts_ms > record.last_seen_ms:
+            record.last_seen_ms = ts_ms
+    if user_id:
+        _push_id(record.user_ids, user_id, max_ids)
+    elif len(record.user_ids) > max_ids:
+        del record.user_ids[: len(record.user_ids) - max_ids]
+    if anonymous_id:
+        _push_id(record.anonymous_ids, anonymous_id, max_ids)
+    elif len(record.anonymous_ids) > max_ids:
+        del record.anonymous_ids[: len(record.anonymous_ids) - max_ids]
+    record.event_count += 1
+    counts = record.counts_by_type
+    counts[ev_type] = counts.get(ev_type, 0) + 1
+    return record
+
+
+def _same(a: Any, b: Any) -> bool:
+    return type(a) is type(b) and a == b
+
+
+def changed_fields(record: UserRecord | None, fields: Mapping[str, Any]) -> dict[str, Any]:
+    """The subset of ``fields`` whose value differs from what was last queued."""
+    if record is None or not record.fields_sent:
+        return dict(fields)
+    sent = record.fields_sent
+    return {k: v for k, v in fields.items() if not _same(sent.get(k, _ABSENT), v)}
+
+
+def mark_fields_queued(record: UserRecord, fields: Mapping[str, Any]) -> None:
+    """Remember ``fields`` as queued to Emarsys (so identical values are not sent again)."""
+    record.fields_sent.update(fields)
+
+
+def forget_failed_fields(record: UserRecord, fields: Mapping[str, Any]) -> None:
+    """After a failed send: forget each field whose stored value is still the failed one.
+
+    A field updated since (stored value differs) is kept, so a later event or retry resends
+    the failed value only when it is still current.
+    """
+    sent = record.fields_sent
+    for key, value in fields.items():
+        if _same(sent.get(key, _ABSENT), value):
+            del sent[key]

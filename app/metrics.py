@@ -1,0 +1,77 @@
+"""Prometheus metrics of one worker (own registry, served at ``/metrics``)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+__all__ = ["Metrics"]
+
+
+class Metrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.events_in = Counter(
+            "emarsys_stream_events_in", "Valid Segment events read, by type", ["type"], registry=r
+        )
+        self.events_invalid = Counter(
+            "emarsys_stream_events_invalid",
+            "Invalid events sent to the dead-letter topic, by reason",
+            ["reason"],
+            registry=r,
+        )
+        self.duplicates = Counter(
+            "emarsys_stream_duplicates", "Events dropped as duplicate messageIds", registry=r
+        )
+        self.held = Counter(
+            "emarsys_stream_unidentified_held", "Events held until their identity is known",
+            registry=r,
+        )
+        self.released = Counter(
+            "emarsys_stream_unidentified_released", "Held events released by a link", registry=r
+        )
+        self.expired = Counter(
+            "emarsys_stream_unidentified_expired",
+            "Held events dead-lettered (expired or over the per-id bound)",
+            ["why"],
+            registry=r,
+        )
+        self.users_created = Counter(
+            "emarsys_stream_users_created", "New records in the users table", registry=r
+        )
+        self.contact_changes = Counter(
+            "emarsys_stream_contact_changes", "Contact upserts queued for Emarsys", registry=r
+        )
+        self.unchanged = Counter(
+            "emarsys_stream_unchanged_events",
+            "Events that changed no Emarsys field (no API call)",
+            registry=r,
+        )
+        self.emarsys_calls = Counter(
+            "emarsys_stream_emarsys_calls",
+            "Emarsys API calls by endpoint and outcome",
+            ["endpoint", "outcome"],
+            registry=r,
+        )
+        self.emarsys_latency = Histogram(
+            "emarsys_stream_emarsys_call_seconds",
+            "Emarsys call latency including retries",
+            ["endpoint"],
+            registry=r,
+            buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60),
+        )
+        self.emarsys_retries = Counter(
+            "emarsys_stream_emarsys_retries", "Retried Emarsys attempts by reason", ["reason"],
+            registry=r,
+        )
+        self.emarsys_dead_letters = Counter(
+            "emarsys_stream_emarsys_dead_letters",
+            "Contacts/operations dead-lettered after Emarsys refused them",
+            ["endpoint"],
+            registry=r,
+        )
+        self.users_table_keys = Gauge(
+            "emarsys_stream_users_table_keys", "Users table keys held by this worker", registry=r
+        )
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

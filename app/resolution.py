@@ -1,0 +1,318 @@
+"""Identity resolution: which primary key does an event belong to?
+
+Pure logic behind the ingest and identity agents; no Kafka, no Faust. The agents
+hand in a state object (Faust tables in production, dicts in unit tests) and send
+whatever :class:`Emit` records come back.
+
+Flow (see README "Identity"):
+* ingest: an event whose primary key is in the event goes straight to
+  ``contact-events`` (keyed by primary key) and emits a ``link`` for its
+  anonymousId/userId to ``identity`` (keyed by that id). Any other event goes to
+  ``identity`` keyed by its userId (else anonymousId).
+* identity (partitioned by id): a ``link`` records id -> primary key and releases
+  events held under that id in event-time order. An event is looked up by userId,
+  then (one hop on) by anonymousId; still unknown, it is held under the last id
+  tried, bounded per id and expiring. ``alias`` links previousId and userId.
+* A later link for the same id with another primary key (shared device) replaces
+  the old one: later events follow the newest link; contacts are never merged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, MutableMapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import orjson
+
+__all__ = [
+    "Emit",
+    "IdentityState",
+    "Target",
+    "route_ingested",
+    "IdentityResolver",
+    "HOLD_KIND",
+]
+
+Target = Literal["identity", "contact_events", "dead_letters"]
+HOLD_KIND = "held"
+
+
+@dataclass(slots=True)
+class Emit:
+    target: Target
+    key: str
+    value: dict[str, Any]
+
+
+def _event_payload(kind: str, event: dict[str, Any], ts: int, source: dict[str, Any]) -> dict[str, Any]:
+    return {"kind": kind, "event": event, "ts": ts, "source": source}
+
+
+def route_ingested(
+    event: dict[str, Any],
+    ev_type: str,
+    ts: int,
+    user_id: str | None,
+    anonymous_id: str | None,
+    primary_key: str | None,
+    source: dict[str, Any],
+    *,
+    known_links: MutableMapping[tuple[str, str], str] | None = None,
+) -> list[Emit]:
+    """Where a valid, normalised event goes next.
+
+    ``known_links`` is an optional per-process cache of links this worker already
+    emitted; it only saves duplicate link messages (a stale cache costs at most an
+    extra, idempotent message, never a wrong result).
+    """
+    out: list[Emit] = []
+    if primary_key is not None:
+        payload = _event_payload("event", event, ts, source)
+        payload["primary_key"] = primary_key
+        for id_type, ident in (("user", user_id), ("anonymous", anonymous_id)):
+            if ident is None:
+                continue
+            if known_links is not None:
+                if known_links.get((id_type, ident)) == primary_key:
+                    continue
+                known_links[(id_type, ident)] = primary_key
+            out.append(
+                Emit(
+                    "identity",
+                    ident,
+                    {"kind": "link", "id_type": id_type, "id": ident,
+                     "primary_key": primary_key, "ts": ts},
+                )
+            )
+        if ev_type == "alias":
+            prev = event.get("previousId")
+            if isinstance(prev, str) and prev:
+                out.append(Emit("identity", prev, _link("anonymous", prev, primary_key, ts)))
+        out.append(Emit("contact_events", primary_key, payload))
+        return out
+    if ev_type == "alias":
+        # Resolve userId first; its partition forwards to previousId's when unknown.
+        assert user_id is not None  # validated: alias has userId or anonymousId
+        payload = _event_payload("alias", event, ts, source)
+        payload["stage"] = "user"
+        out.append(Emit("identity", user_id, payload))
+        return out
+    payload = _event_payload("event", event, ts, source)
+    if user_id is not None:
+        payload["stage"] = "user"
+        out.append(Emit("identity", user_id, payload))
+    else:
+        assert anonymous_id is not None
+        payload["stage"] = "anonymous"
+        out.append(Emit("identity", anonymous_id, payload))
+    return out
+
+
+def _link(id_type: str, ident: str, pk: str, ts: int) -> dict[str, Any]:
+    return {"kind": "link", "id_type": id_type, "id": ident, "primary_key": pk, "ts": ts}
+
+
+class IdentityState:
+    """What the identity agent keeps: two lookup maps and the held events per id.
+
+    Backed by plain dicts here; the agent passes adapters over Faust tables.
+    """
+
+    def __init__(
+        self,
+        anonymous_ids: MutableMapping[str, str],
+        user_ids: MutableMapping[str, str],
+        held: MutableMapping[str, list[dict[str, Any]]],
+    ) -> None:
+        self.anonymous_ids = anonymous_ids
+        self.user_ids = user_ids
+        self.held = held
+
+    def lookup(self, id_type: str, ident: str) -> str | None:
+        table = self.user_ids if id_type == "user" else self.anonymous_ids
+        return table.get(ident)
+
+
+@dataclass
+class ResolverStats:
+    held: int = 0
+    released: int = 0
+    expired: int = 0
+    overflow: int = 0
+
+
+class IdentityResolver:
+    """Applies one ``identity`` topic message to :class:`IdentityState`."""
+
+    def __init__(
+        self,
+        state: IdentityState,
+        *,
+        hold_max_per_id: int,
+        hold_expiry_ms: int,
+        now_ms: Callable[[], int],
+    ) -> None:
+        self.state = state
+        self.hold_max = hold_max_per_id
+        self.hold_expiry_ms = hold_expiry_ms
+        self.now_ms = now_ms
+        self.stats = ResolverStats()
+
+    def handle(self, key: str, msg: dict[str, Any]) -> list[Emit]:
+        kind = msg.get("kind")
+        if kind == "link":
+            return self._link(msg["id_type"], msg["id"], msg["primary_key"], int(msg["ts"]))
+        if kind == "event":
+            return self._event(key, msg)
+        if kind == "alias":
+            return self._alias(key, msg)
+        return [Emit("dead_letters", key, {"reason": "unknown_internal_message", "message": msg})]
+
+    # -- links -------------------------------------------------------------------
+    def _link(self, id_type: str, ident: str, pk: str, ts: int) -> list[Emit]:
+        table = self.state.user_ids if id_type == "user" else self.state.anonymous_ids
+        if table.get(ident) != pk:
+            table[ident] = pk
+        return self._release(ident, pk)
+
+    def _release(self, ident: str, pk: str) -> list[Emit]:
+        held = self.state.held.get(ident)
+        if not held:
+            return []
+        del self.state.held[ident]
+        out: list[Emit] = []
+        for item in sorted(held, key=lambda m: m["ts"]):
+            self.stats.released += 1
+            out.extend(self._deliver(item, pk))
+        return out
+
+    def _deliver(self, msg: dict[str, Any], pk: str) -> list[Emit]:
+        """An event (or alias) whose primary key is now known."""
+        payload = {k: v for k, v in msg.items() if k not in ("stage", "held_at")}
+        payload["kind"] = "event"
+        payload["primary_key"] = pk
+        out: list[Emit] = []
+        if msg.get("kind") == "alias":
+            event = msg["event"]
+            ts = int(msg["ts"])
+            uid, prev = event.get("userId"), event.get("previousId")
+            for ident in (uid, prev):
+                if isinstance(ident, str) and ident:
+                    out.append(Emit("identity", ident, _link("user", ident, pk, ts)))
+            if isinstance(prev, str) and prev:
+                out.append(Emit("identity", prev, _link("anonymous", prev, pk, ts)))
+        out.append(Emit("contact_events", pk, payload))
+        return out
+
+    # -- events --------------------------------------------------------------------
+    def _event(self, key: str, msg: dict[str, Any]) -> list[Emit]:
+        event = msg["event"]
+        stage = msg.get("stage", "anonymous")
+        if stage == "user":
+            uid = _str_id(event.get("userId"))
+            pk = self.state.lookup("user", uid) if uid else None
+            if pk is not None:
+                return self._deliver(msg, pk)
+            aid = _str_id(event.get("anonymousId"))
+            if aid:
+                fwd = dict(msg)
+                fwd["stage"] = "anonymous"
+                return [Emit("identity", aid, fwd)]
+            return self._hold(key, msg)
+        aid = _str_id(event.get("anonymousId")) or key
+        pk = self.state.lookup("anonymous", aid)
+        if pk is not None:
+            return self._deliver(msg, pk)
+        return self._hold(aid, msg)
+
+    def _alias(self, key: str, msg: dict[str, Any]) -> list[Emit]:
+        event = msg["event"]
+        uid = _str_id(event.get("userId"))
+        prev = _str_id(event.get("previousId"))
+        if msg.get("stage") == "user":
+            pk = self.state.lookup("user", uid) if uid else None
+            if pk is not None:
+                return self._deliver(msg, pk)
+            if prev:
+                fwd = dict(msg)
+                fwd["stage"] = "previous"
+                return [Emit("identity", prev, fwd)]
+            return self._hold(key, msg)
+        # stage "previous": previousId may be an anonymousId or an earlier userId.
+        assert prev is not None
+        pk = self.state.lookup("anonymous", prev) or self.state.lookup("user", prev)
+        if pk is not None:
+            return self._deliver(msg, pk)
+        return self._hold(prev, msg)
+
+    # -- holding -------------------------------------------------------------------
+    def _hold(self, ident: str, msg: dict[str, Any]) -> list[Emit]:
+        now = self.now_ms()
+        out: list[Emit] = []
+        held = list(self.state.held.get(ident) or [])
+        keep: list[dict[str, Any]] = []
+        for item in held:
+            if now - int(item.get("held_at", now)) > self.hold_expiry_ms:
+                self.stats.expired += 1
+                out.append(self._dead_letter(ident, item, "identity_unresolved_expired"))
+            else:
+                keep.append(item)
+        item = dict(msg)
+        item["held_at"] = now
+        keep.append(item)
+        self.stats.held += 1
+        if len(keep) > self.hold_max:
+            keep.sort(key=lambda m: m["ts"])
+            while len(keep) > self.hold_max:
+                dropped = keep.pop(0)
+                self.stats.overflow += 1
+                out.append(self._dead_letter(ident, dropped, "identity_hold_overflow"))
+        self.state.held[ident] = keep
+        return out
+
+    def expire(self, ident: str) -> list[Emit]:
+        """Dead-letter held events of ``ident`` older than the hold expiry (sweeps)."""
+        held = self.state.held.get(ident)
+        if not held:
+            return []
+        now = self.now_ms()
+        keep, out = [], []
+        for item in held:
+            if now - int(item.get("held_at", now)) > self.hold_expiry_ms:
+                self.stats.expired += 1
+                out.append(self._dead_letter(ident, item, "identity_unresolved_expired"))
+            else:
+                keep.append(item)
+        if not out:
+            return []
+        if keep:
+            self.state.held[ident] = keep
+        else:
+            del self.state.held[ident]
+        return out
+
+    @staticmethod
+    def _dead_letter(ident: str, item: dict[str, Any], reason: str) -> Emit:
+        # Same envelope as invalid input; ``raw`` is the normalised event as JSON text.
+        return Emit(
+            "dead_letters",
+            ident,
+            {
+                "reason": reason,
+                "error": f"no primary key became known for id {ident!r} in time",
+                "source": item.get("source"),
+                "raw": orjson.dumps(item.get("event")).decode(),
+                "raw_base64": False,
+                "held_id": ident,
+                "held_at": item.get("held_at"),
+            },
+        )
+
+
+def _str_id(value: Any) -> str | None:
+    if isinstance(value, str) and value:
+        return value
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    return None

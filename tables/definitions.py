@@ -1,0 +1,55 @@
+"""Every Faust table of the service, in one place.
+
+All tables are changelog-backed, use the configured store (RocksDB by default,
+``memory://`` allowed) and have bytes keys/values (see :mod:`tables.codec`).
+
+| table            | key                 | value (orjson)                          | written by | partitioned like |
+|------------------|---------------------|-----------------------------------------|------------|------------------|
+| users            | primary key         | :class:`app.identity.UserRecord` dict   | users      | contact-events   |
+| dedupe           | messageId           | first-seen wall time, epoch ms          | users      | contact-events   |
+| anonymous_ids    | anonymousId         | primary key (JSON string)               | identity   | identity         |
+| user_ids         | userId              | primary key (JSON string)               | identity   | identity         |
+| held_events      | anonymousId/userId  | list of held normalised events          | identity   | identity         |
+
+``contact-events`` is keyed by primary key, ``identity`` by the anonymousId/userId,
+so each lookup table is partitioned by its own key and the users table by primary key.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import faust
+
+__all__ = ["Tables", "define_tables"]
+
+
+@dataclass(frozen=True)
+class Tables:
+    users: faust.Table
+    dedupe: faust.Table
+    anonymous_ids: faust.Table
+    user_ids: faust.Table
+    held_events: faust.Table
+
+
+def _table(app: faust.App, name: str, partitions: int, help_: str) -> faust.Table:
+    return app.Table(
+        name,
+        default=None,
+        partitions=partitions,
+        # bytes in, bytes out: serializers come from the app (key/value_serializer="raw")
+        key_type=bytes,
+        value_type=bytes,
+        help=help_,
+    )
+
+
+def define_tables(app: faust.App, partitions: int) -> Tables:
+    return Tables(
+        users=_table(app, "users", partitions, "Intermediate users table, by primary key"),
+        dedupe=_table(app, "dedupe", partitions, "messageIds seen within the dedupe window"),
+        anonymous_ids=_table(app, "anonymous_ids", partitions, "anonymousId -> primary key"),
+        user_ids=_table(app, "user_ids", partitions, "userId -> primary key"),
+        held_events=_table(app, "held_events", partitions, "events waiting for an identity"),
+    )

@@ -1,0 +1,84 @@
+"""A batch-scoped, write-coalescing view of one Faust table.
+
+Agents read and write tables through a :class:`TableView` while handling a batch
+from ``stream.take_events()``; :meth:`TableView.flush` then writes every changed key
+once (one changelog message per key per batch, not per event), each inside the
+event context of a message with that key so Faust picks the right changelog and
+store partition.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, MutableMapping
+from typing import Any
+
+import faust
+
+from tables.codec import dumps, loads
+from tables.context import event_context
+
+__all__ = ["TableView"]
+
+_DELETED = object()
+
+
+class TableView(MutableMapping[str, Any]):
+    def __init__(self, table: faust.Table, events_by_key: MutableMapping[str, Any]) -> None:
+        self.table = table
+        self.events_by_key = events_by_key
+        self._cache: dict[str, Any] = {}
+        self._dirty: set[str] = set()
+
+    def __getitem__(self, key: str) -> Any:
+        try:
+            value = self._cache[key]
+        except KeyError:
+            ev = self.events_by_key.get(key)
+            kb = key.encode()
+            if ev is not None:
+                with event_context(ev):
+                    raw = self.table.get(kb)
+            else:
+                raw = self.table.get(kb)
+            value = _DELETED if raw is None else loads(raw)
+            self._cache[key] = value
+        if value is _DELETED:
+            raise KeyError(key)
+        return value
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        self._cache[key] = value
+        self._dirty.add(key)
+
+    def __delitem__(self, key: str) -> None:
+        self[key]  # KeyError if absent  # noqa: B018
+        self._cache[key] = _DELETED
+        self._dirty.add(key)
+
+    def __iter__(self) -> Iterator[str]:  # pragma: no cover - not needed by agents
+        raise TypeError("TableView does not iterate the whole table")
+
+    def __len__(self) -> int:  # pragma: no cover
+        raise TypeError("TableView has no length")
+
+    @property
+    def dirty_count(self) -> int:
+        return len(self._dirty)
+
+    def flush(self) -> int:
+        """Write every changed key once; returns how many keys were written."""
+        n = 0
+        for key in self._dirty:
+            value = self._cache[key]
+            ev = self.events_by_key[key]
+            kb = key.encode()
+            with event_context(ev):
+                if value is _DELETED:
+                    if kb in self.table:
+                        del self.table[kb]
+                else:
+                    self.table[kb] = dumps(value)
+            n += 1
+        self._dirty.clear()
+        self._cache.clear()
+        return n

@@ -1,0 +1,1 @@
+from tests.fixtures import deployment_factory, kafka_broker, simulator  # noqa: F401
