@@ -14,9 +14,9 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from agents.emit import send_json
-from app.emarsys.client import CallResult
-from app.emarsys.factory import emarsys_client_from_settings
 from app.emarsys.batching import ContactChange, ContactUpsertBatcher
+from app.emarsys.client import CallResult, EmarsysClient
+from app.emarsys.factory import emarsys_client_from_settings
 
 if TYPE_CHECKING:
     from app.faust_app import Runtime
@@ -60,7 +60,7 @@ def register(rt: Runtime) -> None:
     async def dead_letter(
         endpoint: str,
         request: dict[str, Any],
-        result: CallResult,
+        result: CallResult | None,
         primary_keys: list[str],
         errors: dict[str, Any] | None,
     ) -> None:
@@ -72,12 +72,15 @@ def register(rt: Runtime) -> None:
                 "endpoint": endpoint,
                 "primary_keys": primary_keys,
                 "request": request,
-                "response": {
+                "response": None
+                if result is None
+                else {
                     "status": result.status,
                     "reply_code": result.reply_code,
                     "reply_text": result.reply_text,
                     "errors": errors,
                 },
+                "errors": errors,
                 "at_ms": int(time.time() * 1000),
             },
         )
@@ -87,14 +90,19 @@ def register(rt: Runtime) -> None:
         await send_json(
             topics.contact_events,
             pk,
-            {"kind": "send_failed", "primary_key": pk, "fields": fields,
-             "contact_missing": contact_missing},
+            {
+                "kind": "send_failed",
+                "primary_key": pk,
+                "fields": fields,
+                "contact_missing": contact_missing,
+            },
         )
 
     @rt.app.agent(topics.operations, name="output")
     async def output(stream):  # type: ignore[no-untyped-def]
         async with emarsys_client_from_settings(s) as client:
-            async for events in stream.take_events(s.worker.output_batch_max, s.emarsys.flush_interval):
+            batches = stream.take_events(s.worker.output_batch_max, s.emarsys.flush_interval)
+            async for events in batches:
                 changes_by_key: dict[str, list[ContactChange]] = {}
                 for ev in events:
                     op = orjson.loads(ev.value)
@@ -105,25 +113,38 @@ def register(rt: Runtime) -> None:
                         ContactChange(op["primary_key"], op["fields"], int(op["event_time_ms"]))
                     )
                 for key_id, changes in changes_by_key.items():
-                    batcher = ContactUpsertBatcher(key_id, max_contacts=s.emarsys.batch_size)
-                    for contacts in batcher.batches(changes):
-                        result = await client.upsert_contacts(key_id, contacts)
-                        await record_result(result, len(contacts))
-                        if result.ok and not result.contact_errors:
-                            continue
-                        if result.ok:
-                            failed = [c for c in contacts if str(c.get(key_id)) in result.contact_errors]
-                        else:
-                            failed = contacts
-                        errors = result.contact_errors if result.ok else None
-                        await dead_letter(
-                            "contact_upsert",
-                            {"key_id": key_id, "contacts": failed},
-                            result,
-                            [str(c.get(key_id)) for c in failed],
-                            errors,
-                        )
-                        for c in failed:
-                            pk = str(c.get(key_id))
-                            fields = {f: v for f, v in c.items() if f != key_id}
-                            await feedback(pk, fields, contact_missing=True)
+                    await upsert(client, key_id, changes)
+
+    async def upsert(client: EmarsysClient, key_id: str, changes: list[ContactChange]) -> None:
+        batcher = ContactUpsertBatcher(key_id, max_contacts=s.emarsys.batch_size)
+        plan = batcher.plan(changes)
+        for contact in plan.oversize:
+            # Larger than one request may be: Emarsys can never accept it.
+            await refuse("contact_upsert", key_id, [contact], None, {"oversize": "over 8 MB"})
+        for contacts in plan.batches:
+            result = await client.upsert_contacts(key_id, contacts)
+            await record_result(result, len(contacts))
+            errors = result.contact_errors or {}
+            if result.ok and not errors:
+                continue
+            by_pk = {str(c.get(key_id)): c for c in contacts}
+            if not result.ok or any(k not in by_pk for k in errors):
+                # A batch-wide refusal (HTTP 4xx, replyCode != 0, or an error under a
+                # pseudo key such as <NO_KEY_ID>): the whole batch is dead-lettered.
+                await refuse("contact_upsert", key_id, contacts, result, errors or None)
+                continue
+            failed = [by_pk[k] for k in errors]
+            await refuse("contact_upsert", key_id, failed, result, errors)
+
+    async def refuse(
+        endpoint: str,
+        key_id: str,
+        contacts: list[dict[str, Any]],
+        result: CallResult | None,
+        errors: dict[str, Any] | None,
+    ) -> None:
+        pks = [str(c.get(key_id)) for c in contacts]
+        await dead_letter(endpoint, {"key_id": key_id, "contacts": contacts}, result, pks, errors)
+        for c in contacts:
+            fields = {f: v for f, v in c.items() if f != key_id}
+            await feedback(str(c.get(key_id)), fields, contact_missing=True)

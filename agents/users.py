@@ -62,11 +62,11 @@ def register(rt: Runtime) -> None:
                 if isinstance(event, dict) and isinstance(event.get("messageId"), str):
                     seen_events[event["messageId"]] = by_pk[pk]
 
-            def load_user(pk: str) -> UserRecord | None:
+            def load_user(pk: str, users_view: TableView = users_view) -> UserRecord | None:
                 raw = users_view.get(pk)
                 return None if raw is None else UserRecord.from_dict(raw)
 
-            def load_seen(mid: str) -> int | None:
+            def load_seen(mid: str, seen_view: TableView = seen_view) -> int | None:
                 value = seen_view.get(mid)
                 return None if value is None else int(value)
 

@@ -43,8 +43,10 @@ def _load_or_exit(path: Path | str, env: dict[str, str] | None = None) -> Settin
 def check_config(path: Annotated[Path, typer.Argument(help="YAML config file")]) -> None:
     """Validate a config file and print every error with its key path."""
     settings = _load_or_exit(path)
-    typer.echo(f"{path}: OK (ingest topic {settings.kafka.ingest_topic!r}, "
-               f"{len(settings.data_map)} data map entries)")
+    typer.echo(
+        f"{path}: OK (ingest topic {settings.kafka.ingest_topic!r}, "
+        f"{len(settings.data_map)} data map entries)"
+    )
 
 
 def _start_worker(settings: Settings, loglevel: str = "info") -> None:
@@ -91,10 +93,12 @@ def run(
             tmp.write_text(DEFAULT_CONFIG_YAML)
             config_path = tmp
             port = simulator_port or free_port()
-            procs.append(subprocess.Popen(
-                [sys.executable, "-m", "app.cli", "simulator", "--port", str(port)],
-                start_new_session=True,
-            ))
+            procs.append(
+                subprocess.Popen(
+                    [sys.executable, "-m", "app.cli", "simulator", "--port", str(port)],
+                    start_new_session=True,
+                )
+            )
             if not wait_for_port("127.0.0.1", port, 15):
                 typer.echo("the Emarsys simulator did not start", err=True)
                 raise typer.Exit(1)
@@ -110,6 +114,10 @@ def run(
             broker = EmbeddedBroker(port=broker_port).start()
             env["KAFKA_BOOTSTRAP_SERVERS"] = broker.bootstrap_servers
             settings = _load_or_exit(config_path, env)
+            # The embedded broker forgets everything on exit, so local table state from
+            # an earlier run would not match its (empty) changelogs: start clean.
+            fresh = Path(tempfile.mkdtemp(prefix="emarsys-stream-data-"))
+            settings = settings.model_copy(update={"data_dir": str(fresh)})
         typer.echo("")
         typer.echo("emarsys-stream is starting")
         if broker is not None:
@@ -117,10 +125,14 @@ def run(
         else:
             typer.echo(f"  Kafka: {settings.kafka.bootstrap_servers}")
         if sim_url:
-            typer.echo(f"  Emarsys simulator:  {sim_url}  (calls: {sim_url.split('/api')[0]}/_sim/calls)")
+            typer.echo(
+                f"  Emarsys simulator:  {sim_url}  (calls: {sim_url.split('/api')[0]}/_sim/calls)"
+            )
         typer.echo(f"  Worker web:        http://{settings.web.host}:{settings.web.port}/metrics")
-        typer.echo(f"  Send events:       emarsys-stream send examples/events.jsonl "
-                   f"--bootstrap-servers {settings.kafka.bootstrap_servers}")
+        typer.echo(
+            f"  Send events:       emarsys-stream send examples/events.jsonl "
+            f"--bootstrap-servers {settings.kafka.bootstrap_servers}"
+        )
         typer.echo("  Stop with Ctrl-C.\n")
         _start_worker(settings)
     finally:
@@ -151,7 +163,9 @@ def simulator(
 def broker(port: Annotated[int, typer.Option()] = 9092) -> None:
     """Run the embedded Kafka-protocol broker (memory only) in the foreground."""
     b = EmbeddedBroker(port=port).start()
-    typer.echo(f"embedded broker listening on {b.bootstrap_servers} (data in memory only); Ctrl-C stops")
+    typer.echo(
+        f"embedded broker listening on {b.bootstrap_servers} (data in memory only); Ctrl-C stops"
+    )
     try:
         while b.running:
             import time
@@ -184,15 +198,15 @@ def send(
     if not file.exists():
         typer.echo(f"{file}: no such file", err=True)
         raise typer.Exit(2)
-    n = asyncio.run(_send_file(file, servers, target or "segment.events"))
+    lines = [ln for ln in file.read_bytes().splitlines() if ln.strip()]
+    n = asyncio.run(_send_lines(lines, servers, target or "segment.events"))
     typer.echo(f"sent {n} events to {target or 'segment.events'} on {servers}")
 
 
-async def _send_file(file: Path, servers: str, topic: str) -> int:
+async def _send_lines(lines: list[bytes], servers: str, topic: str) -> int:
     from aiokafka import AIOKafkaProducer
     from tqdm import tqdm
 
-    lines = [ln for ln in file.read_bytes().splitlines() if ln.strip()]
     producer = AIOKafkaProducer(bootstrap_servers=servers, linger_ms=5)
     await producer.start()
     try:

@@ -18,7 +18,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from app.data_map import DataMap
-from app.identity import UserRecord, apply_event, changed_fields, forget_failed_fields, mark_fields_queued
+from app.identity import (
+    UserRecord,
+    apply_event,
+    changed_fields,
+    forget_failed_fields,
+    mark_fields_queued,
+)
 
 __all__ = ["ContactBatch", "ContactUpdater", "upsert_operation"]
 
@@ -117,12 +123,16 @@ class ContactUpdater:
         anon_id = event.get("anonymousId")
         if ev_type == "alias" and isinstance(event.get("previousId"), str):
             # previousId is the identity the user had before (usually an anonymousId).
-            rec = apply_event(before, pk, ev_type, None, event["previousId"], ts, max_ids=self.max_ids)
+            rec = apply_event(
+                before, pk, ev_type, None, event["previousId"], ts, max_ids=self.max_ids
+            )
             rec = apply_event(rec, pk, ev_type, _sid(user_id), None, ts, max_ids=self.max_ids)
             rec.event_count -= 1  # one event, two id updates
             rec.counts_by_type[ev_type] = rec.counts_by_type.get(ev_type, 1) - 1
         else:
-            rec = apply_event(before, pk, ev_type, _sid(user_id), _sid(anon_id), ts, max_ids=self.max_ids)
+            rec = apply_event(
+                before, pk, ev_type, _sid(user_id), _sid(anon_id), ts, max_ids=self.max_ids
+            )
         if before is None:
             batch.new_users.add(pk)
         batch.users[pk] = rec

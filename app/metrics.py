@@ -23,7 +23,8 @@ class Metrics:
             "emarsys_stream_duplicates", "Events dropped as duplicate messageIds", registry=r
         )
         self.held = Counter(
-            "emarsys_stream_unidentified_held", "Events held until their identity is known",
+            "emarsys_stream_unidentified_held",
+            "Events held until their identity is known",
             registry=r,
         )
         self.released = Counter(
@@ -60,7 +61,9 @@ class Metrics:
             buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60),
         )
         self.emarsys_retries = Counter(
-            "emarsys_stream_emarsys_retries", "Retried Emarsys attempts by reason", ["reason"],
+            "emarsys_stream_emarsys_retries",
+            "Retried Emarsys attempts by reason",
+            ["reason"],
             registry=r,
         )
         self.emarsys_dead_letters = Counter(

@@ -45,7 +45,9 @@ class Emit:
     value: dict[str, Any]
 
 
-def _event_payload(kind: str, event: dict[str, Any], ts: int, source: dict[str, Any]) -> dict[str, Any]:
+def _event_payload(
+    kind: str, event: dict[str, Any], ts: int, source: dict[str, Any]
+) -> dict[str, Any]:
     return {"kind": kind, "event": event, "ts": ts, "source": source}
 
 
@@ -81,8 +83,13 @@ def route_ingested(
                 Emit(
                     "identity",
                     ident,
-                    {"kind": "link", "id_type": id_type, "id": ident,
-                     "primary_key": primary_key, "ts": ts},
+                    {
+                        "kind": "link",
+                        "id_type": id_type,
+                        "id": ident,
+                        "primary_key": primary_key,
+                        "ts": ts,
+                    },
                 )
             )
         if ev_type == "alias":

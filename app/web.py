@@ -21,8 +21,12 @@ def health_state(rt: Runtime) -> dict[str, Any]:
     recovery = getattr(app.tables, "recovery", None)
     recovered = bool(recovery is not None and recovery.completed.is_set())
     ready = assigned > 0 and recovered and not app.rebalancing
-    return {"ready": ready, "assigned_partitions": assigned, "tables_recovered": recovered,
-            "rebalancing": bool(app.rebalancing)}
+    return {
+        "ready": ready,
+        "assigned_partitions": assigned,
+        "tables_recovered": recovered,
+        "rebalancing": bool(app.rebalancing),
+    }
 
 
 def register_views(rt: Runtime) -> None:

@@ -34,7 +34,7 @@ class Tables:
 
 
 def _table(app: faust.App, name: str, partitions: int, help_: str) -> faust.Table:
-    return app.Table(
+    return app.Table(  # type: ignore[return-value]
         name,
         default=None,
         partitions=partitions,

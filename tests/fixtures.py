@@ -80,7 +80,11 @@ def base_config(bootstrap: str, api_url: str, name: str, **overrides: Any) -> di
         "data_map": [
             {"from": "traits.firstName", "field_id": 1},
             {"from": "traits.lastName", "field_id": 2},
-            {"from": ["traits.optIn", "context.traits.optIn"], "field_id": 31, "transform": "optin"},
+            {
+                "from": ["traits.optIn", "context.traits.optIn"],
+                "field_id": 31,
+                "transform": "optin",
+            },
             {"from": "traits.birthday", "field_id": 4, "transform": "date"},
         ],
         "worker": {"session_timeout": 6.0, "heartbeat_interval": 0.5},
@@ -107,7 +111,11 @@ class WorkerProcess:
         log = open(self.log_path, "ab")  # noqa: SIM115
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "app.cli", "worker", "--config", str(self.config_path)],
-            cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            cwd=ROOT,
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
         return self
 
@@ -203,8 +211,10 @@ class Deployment:
     async def read_topic(self, topic: str, *, expect: int, timeout: float = 60.0) -> list[Any]:
         """Read ``topic`` from the beginning until ``expect`` records (or timeout)."""
         consumer = AIOKafkaConsumer(
-            bootstrap_servers=self.bootstrap, enable_auto_commit=False,
-            auto_offset_reset="earliest", group_id=None,
+            bootstrap_servers=self.bootstrap,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            group_id=None,
         )
         await consumer.start()
         out: list[Any] = []
@@ -253,7 +263,9 @@ def deployment_factory(
             w.kill()
 
 
-async def wait_for(predicate: Callable[[], Any], timeout: float = 60.0, interval: float = 0.2) -> Any:
+async def wait_for(
+    predicate: Callable[[], Any], timeout: float = 60.0, interval: float = 0.2
+) -> Any:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = predicate()

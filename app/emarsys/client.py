@@ -152,6 +152,9 @@ class EmarsysClient:
         if self._owns_session and self._session is not None:
             await self._session.close()
         self._session = None
+        closer = getattr(self.authenticator, "close", None)
+        if closer is not None:  # OAuth2Authenticator owns a session for the token endpoint
+            await closer()
 
     async def __aenter__(self) -> EmarsysClient:
         await self.start()
@@ -174,7 +177,7 @@ class EmarsysClient:
         self,
         method: str,
         path: str,
-        body: Mapping[str, Any] | None = None,
+        body: dict[str, Any] | None = None,
         *,
         endpoint: str,
     ) -> CallResult:

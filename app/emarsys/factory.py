@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from app.emarsys.auth import WsseAuthenticator
+from app.emarsys.auth import Authenticator, OAuth2Authenticator, WsseAuthenticator
 from app.emarsys.client import EmarsysClient
+from app.settings import WsseAuth
 
 if TYPE_CHECKING:
     from app.settings import Settings
@@ -16,11 +17,17 @@ __all__ = ["emarsys_client_from_settings"]
 def emarsys_client_from_settings(settings: Settings) -> EmarsysClient:
     e = settings.emarsys
     auth = e.auth
-    if auth.type != "wsse":
-        raise ValueError(f"emarsys.auth.type: {auth.type!r} is not supported yet (use wsse)")
+    authenticator: Authenticator
+    if isinstance(auth, WsseAuth):
+        authenticator = WsseAuthenticator(auth.username, auth.secret.get_secret_value())
+    else:
+        # Client-credentials token shared by every request, refreshed before expiry/on 401.
+        authenticator = OAuth2Authenticator(
+            None, auth.token_url, auth.client_id, auth.client_secret.get_secret_value()
+        )
     return EmarsysClient(
         e.api_url,
-        WsseAuthenticator(auth.username, auth.secret.get_secret_value()),
+        authenticator,
         requests_per_minute=e.requests_per_minute,
         request_timeout=e.request_timeout,
         max_backoff=e.max_retry_backoff,
