@@ -1,12 +1,16 @@
 """Output agent: Emarsys operations -> batched, rate-limited, retried Emarsys API calls.
 
 Offsets of an operation are committed only after Emarsys accepted it or it was
-dead-lettered (``take_events`` acks a batch after this body returns, and the
-client retries transient failures until they succeed).
+dead-lettered: each event read is held (``message.incref()``, Faust's own
+reference count for messages shared by several streams) while its operation waits
+in :class:`~app.pending.PendingContacts`, and acked only after the call that carried
+it finished. The client retries transient failures until they succeed, so a
+waiting operation blocks nothing but its own offset.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from typing import TYPE_CHECKING, Any
@@ -17,6 +21,7 @@ from agents.emit import send_json
 from app.emarsys.batching import ContactChange, ContactUpsertBatcher
 from app.emarsys.client import CallResult, EmarsysClient
 from app.emarsys.factory import emarsys_client_from_settings
+from app.pending import PendingContacts
 
 if TYPE_CHECKING:
     from app.faust_app import Runtime
@@ -100,20 +105,51 @@ def register(rt: Runtime) -> None:
 
     @rt.app.agent(topics.operations, name="output")
     async def output(stream):  # type: ignore[no-untyped-def]
+        pending: PendingContacts[Any] = PendingContacts(
+            s.emarsys.batch_size, s.emarsys.flush_interval, time.monotonic
+        )
+        lock = asyncio.Lock()
+        tick = max(0.01, min(0.1, s.emarsys.flush_interval / 4))
+
+        async def flush_due(client: EmarsysClient) -> None:
+            async with lock:
+                while pending.due():
+                    drained = pending.drain()
+                    for key_id, changes in drained.changes_by_key_id.items():
+                        await upsert(client, key_id, changes)
+                    for ev in drained.tokens:
+                        await stream.ack(ev)
+
+        async def flush_by_age(client: EmarsysClient) -> None:
+            # take_events only wakes up on new events; age-based flushes need a clock.
+            while True:
+                await asyncio.sleep(tick)
+                try:
+                    await flush_due(client)
+                except Exception:
+                    log.exception("flush of pending Emarsys operations failed")
+                    raise
+
         async with emarsys_client_from_settings(s) as client:
-            batches = stream.take_events(s.worker.output_batch_max, s.emarsys.flush_interval)
-            async for events in batches:
-                changes_by_key: dict[str, list[ContactChange]] = {}
-                for ev in events:
-                    op = orjson.loads(ev.value)
-                    if op.get("op") != "contact_upsert":
-                        log.warning("unknown operation %r skipped", op.get("op"))
-                        continue
-                    changes_by_key.setdefault(op["key_id"], []).append(
-                        ContactChange(op["primary_key"], op["fields"], int(op["event_time_ms"]))
-                    )
-                for key_id, changes in changes_by_key.items():
-                    await upsert(client, key_id, changes)
+            ticker = asyncio.create_task(flush_by_age(client))
+            try:
+                async for events in stream.take_events(s.worker.output_batch_max, tick):
+                    async with lock:
+                        for ev in events:
+                            op = orjson.loads(ev.value)
+                            if op.get("op") != "contact_upsert":
+                                log.warning("unknown operation %r skipped", op.get("op"))
+                                continue
+                            ev.message.incref()  # released by stream.ack() after the call
+                            change = ContactChange(
+                                op["primary_key"], op["fields"], int(op["event_time_ms"])
+                            )
+                            pending.add(str(op["key_id"]), change, ev)
+                    if ticker.done():
+                        ticker.result()  # re-raise a flusher crash into the agent
+                    await flush_due(client)
+            finally:
+                ticker.cancel()
 
     async def upsert(client: EmarsysClient, key_id: str, changes: list[ContactChange]) -> None:
         batcher = ContactUpsertBatcher(key_id, max_contacts=s.emarsys.batch_size)

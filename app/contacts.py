@@ -54,6 +54,10 @@ class ContactBatch:
     duplicates: int = 0
     unchanged: int = 0
     events: int = 0
+    #: Per primary key: field id -> event time of the value that currently wins in this
+    #: batch (also for values equal to what was last queued, so an older event processed
+    #: after a newer one never overrides it).
+    field_ts: dict[str, dict[str, int]] = field(default_factory=dict)
 
 
 class ContactUpdater:
@@ -136,8 +140,17 @@ class ContactUpdater:
         if before is None:
             batch.new_users.add(pk)
         batch.users[pk] = rec
-        fields = self.data_map.fields_for(event)
-        changed = changed_fields(rec, fields)
+        # Later event time wins per field within the batch: a value from an event older
+        # than one already applied for that field is ignored (neither sent nor remembered
+        # as queued, which would make the newer value look unsent / the older one current).
+        field_ts = batch.field_ts.setdefault(pk, {})
+        winning: dict[str, Any] = {}
+        for fid, value in self.data_map.fields_for(event).items():
+            prev_ts = field_ts.get(fid)
+            if prev_ts is None or ts >= prev_ts:
+                winning[fid] = value
+                field_ts[fid] = ts
+        changed = changed_fields(rec, winning)
         new_contact = not rec.created_in_emarsys
         if not changed and not new_contact:
             batch.unchanged += 1
@@ -147,13 +160,8 @@ class ContactUpdater:
         op = batch.operations.get(pk)
         if op is None:
             op = upsert_operation(pk, self.key_field_id, {}, ts, [])
-            op["_field_ts"] = {}
             batch.operations[pk] = op
-        field_ts: dict[str, int] = op["_field_ts"]
-        for fid, value in changed.items():
-            if ts >= field_ts.get(fid, -1):  # later event time wins per field
-                op["fields"][fid] = value
-                field_ts[fid] = ts
+        op["fields"].update(changed)
         op["event_time_ms"] = max(op["event_time_ms"], ts)
         if isinstance(mid, str) and len(op["message_ids"]) < self.max_message_ids:
             op["message_ids"].append(mid)

@@ -93,17 +93,27 @@ def route_ingested(
                 )
             )
         if ev_type == "alias":
-            prev = event.get("previousId")
-            if isinstance(prev, str) and prev:
+            prev = _str_id(event.get("previousId"))
+            if prev is not None:
+                # previousId may be an anonymousId or an earlier userId: link it as both,
+                # like the identity agent does when it resolves an alias.
+                out.append(Emit("identity", prev, _link("user", prev, primary_key, ts)))
                 out.append(Emit("identity", prev, _link("anonymous", prev, primary_key, ts)))
         out.append(Emit("contact_events", primary_key, payload))
         return out
     if ev_type == "alias":
-        # Resolve userId first; its partition forwards to previousId's when unknown.
-        assert user_id is not None  # validated: alias has userId or anonymousId
         payload = _event_payload("alias", event, ts, source)
+        prev = _str_id(event.get("previousId"))
+        if user_id is None and prev is not None:
+            # An alias with only anonymousId + previousId: nothing to look up by userId.
+            payload["stage"] = "previous"
+            out.append(Emit("identity", prev, payload))
+            return out
+        # Resolve userId first; its partition forwards to previousId's when unknown.
+        ident = user_id if user_id is not None else anonymous_id
+        assert ident is not None  # validated: an event has userId or anonymousId
         payload["stage"] = "user"
-        out.append(Emit("identity", user_id, payload))
+        out.append(Emit("identity", ident, payload))
         return out
     payload = _event_payload("event", event, ts, source)
     if user_id is not None:
@@ -174,7 +184,21 @@ class IdentityResolver:
             return self._event(key, msg)
         if kind == "alias":
             return self._alias(key, msg)
-        return [Emit("dead_letters", key, {"reason": "unknown_internal_message", "message": msg})]
+        # Same envelope as every other dead letter; ``raw`` is the message as JSON text.
+        source = msg.get("source")
+        return [
+            Emit(
+                "dead_letters",
+                key,
+                {
+                    "reason": "unknown_internal_message",
+                    "error": f"unknown identity message kind {kind!r}",
+                    "source": source if isinstance(source, dict) else {},
+                    "raw": orjson.dumps(msg, option=orjson.OPT_NON_STR_KEYS).decode(),
+                    "raw_base64": False,
+                },
+            )
+        ]
 
     # -- links -------------------------------------------------------------------
     def _link(self, id_type: str, ident: str, pk: str, ts: int) -> list[Emit]:

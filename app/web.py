@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from faust.exceptions import SameNode
+
 from tables.codec import loads
 
 if TYPE_CHECKING:
@@ -46,9 +48,28 @@ def register_views(rt: Runtime) -> None:
         return web.json(state, status=200 if state["ready"] else 503)
 
     @app.page("/users/{primary_key}")
-    @app.table_route(table=rt.tables.users, match_info="primary_key")
     async def user(web: Any, request: Any, primary_key: str) -> Any:
-        raw = rt.tables.users.get(primary_key.encode())
+        """The users-table record, served by whichever worker owns the key."""
+        table = rt.tables.users
+        key = primary_key.encode()  # table keys are bytes; route on the same bytes
+        await _ensure_metadata(rt, table.changelog_topic.get_topic_name())
+        try:
+            return await app.router.route_req(table.name, key, web, request)
+        except SameNode:
+            pass
+        except Exception as exc:  # no assignment yet (rebalancing)
+            return web.json({"error": f"not routable right now: {exc}"}, status=503)
+        raw = table.get(key)
         if raw is None:
             return web.json({"error": "unknown primary key"}, status=404)
         return web.json(loads(raw))
+
+
+async def _ensure_metadata(rt: Runtime, topic: str) -> None:
+    # Faust's router hashes the key with the producer's partitioner, which needs the
+    # topic's partition count in the producer's metadata.
+    try:
+        producer = rt.app.producer._ensure_producer()  # type: ignore[attr-defined]
+        await producer.client._wait_on_metadata(topic)
+    except Exception:  # best effort; routing reports 503 if it still cannot route
+        pass

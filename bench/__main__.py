@@ -1,0 +1,100 @@
+"""``python -m bench pipeline [options]``: see bench/README.md."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import yaml
+
+from bench.pipeline import RESULTS_DIR, BenchError, PipelineOptions, run_pipeline
+
+QUICK_EVENTS, QUICK_CONTACTS = 20_000, 2_000
+DEFAULT_EVENTS, DEFAULT_CONTACTS = 200_000, 50_000
+
+
+def _override(text: str) -> tuple[str, object]:
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f"expected dotted.key=value, got {text!r}")
+    return key.strip(), yaml.safe_load(value)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser(
+        "pipeline",
+        help="end-to-end throughput: ingest topic backlog -> worker -> Emarsys simulator",
+        description="Produce N Segment events, then time one worker from ready until the "
+        "Emarsys simulator holds every expected contact; compare with a raw aiokafka "
+        "consume + orjson.loads of the same topic.",
+    )
+    p.add_argument("--events", type=int, default=None,
+                   help=f"events to produce (default {DEFAULT_EVENTS:,}; --quick {QUICK_EVENTS:,})")
+    p.add_argument("--contacts", type=int, default=None,
+                   help=f"people (default {DEFAULT_CONTACTS:,}; --quick {QUICK_CONTACTS:,})")
+    p.add_argument("--partitions", type=int, default=4, help="partitions of every topic (4)")
+    p.add_argument("--workers", type=int, default=1, help="worker processes (1)")
+    p.add_argument("--store", choices=("rocksdb://", "memory://"), default="rocksdb://",
+                   help="table store of the worker (rocksdb://)")
+    p.add_argument("--quick", action="store_true",
+                   help=f"{QUICK_EVENTS:,} events / {QUICK_CONTACTS:,} contacts (under a minute)")
+    p.add_argument("--seed", type=int, default=1, help="generator seed (1)")
+    p.add_argument("--flush-interval", type=float, default=1.0,
+                   help="emarsys.flush_interval in seconds (1.0)")
+    p.add_argument("--batch-size", type=int, default=1000, help="emarsys.batch_size (1000)")
+    p.add_argument("--set", dest="overrides", type=_override, action="append", default=[],
+                   metavar="KEY=VALUE",
+                   help="override a worker config key, e.g. --set worker.batch_max=5000 "
+                   "(repeatable; the value is YAML)")
+    p.add_argument("--timeout", type=float, default=1800.0,
+                   help="give up this many seconds after the worker is ready (1800)")
+    p.add_argument("--stall-timeout", type=float, default=120.0,
+                   help="give up (with a py-spy stack dump if installed) after this many "
+                   "seconds without progress (120)")
+    p.add_argument("--baseline-runs", type=int, default=2,
+                   help="raw consume runs; the best counts (2)")
+    p.add_argument("--profile", type=Path, default=None, metavar="SVG",
+                   help="record the worker with py-spy (must be installed) into this file")
+    p.add_argument("--keep", action="store_true",
+                   help="keep the work dir (logs, configs, table data) after a good run")
+    p.add_argument("--results-dir", type=Path, default=RESULTS_DIR,
+                   help="where to write <timestamp>.json (bench/results)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command != "pipeline":  # pragma: no cover - argparse enforces the choices
+        return 2
+    events = args.events or (QUICK_EVENTS if args.quick else DEFAULT_EVENTS)
+    contacts = args.contacts or (QUICK_CONTACTS if args.quick else DEFAULT_CONTACTS)
+    opts = PipelineOptions(
+        events=events,
+        contacts=contacts,
+        partitions=args.partitions,
+        workers=args.workers,
+        store=args.store,
+        seed=args.seed,
+        flush_interval=args.flush_interval,
+        batch_size=args.batch_size,
+        overrides=dict(args.overrides),
+        timeout=args.timeout,
+        stall_timeout=args.stall_timeout,
+        baseline_runs=args.baseline_runs,
+        keep=args.keep,
+        profile=args.profile,
+        quick=args.quick,
+        results_dir=args.results_dir,
+    )
+    try:
+        return run_pipeline(opts)
+    except BenchError as exc:
+        print(f"bench: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

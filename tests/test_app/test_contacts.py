@@ -1,0 +1,467 @@
+"""Unit tests for app/contacts.py: ContactUpdater (dedupe, users record, data map, merging)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+from app.contacts import ContactBatch, ContactUpdater, upsert_operation
+from app.data_map import DataMap, FieldMapping
+from app.identity import UserRecord
+
+PK = "ann@example.com"
+PK2 = "bob@example.com"
+SRC = {"topic": "segment.events", "partition": 0, "offset": 1, "timestamp": 0}
+KEY_ID = 3
+HOUR_MS = 3_600_000
+NOW = 10 * HOUR_MS
+
+DATA_MAP = DataMap(
+    [
+        FieldMapping(("traits.firstName",), 1),
+        FieldMapping(("traits.lastName",), 2),
+        FieldMapping(("traits.email",), 3, "lowercase"),
+        FieldMapping(("traits.optin", "properties.optin"), 31, "optin"),
+        FieldMapping(("properties.revenue",), 100, "number"),
+    ]
+)
+
+
+class Store:
+    """The users and dedupe tables as plain dicts, written back like the users agent does."""
+
+    def __init__(self, updater: ContactUpdater) -> None:
+        self.updater = updater
+        self.users: dict[str, dict[str, Any]] = {}
+        self.seen: dict[str, int] = {}
+
+    def load_user(self, pk: str) -> UserRecord | None:
+        raw = self.users.get(pk)
+        return None if raw is None else UserRecord.from_dict(raw)
+
+    def load_seen(self, mid: str) -> int | None:
+        return self.seen.get(mid)
+
+    def batch(
+        self, items: list[tuple[str, dict[str, Any]]], now_ms: int = NOW
+    ) -> tuple[ContactBatch, list[dict[str, Any]]]:
+        # JSON round trip, as through Kafka.
+        items = [(pk, orjson.loads(orjson.dumps(m))) for pk, m in items]
+        b = self.updater.process(items, self.load_user, self.load_seen, now_ms)
+        for pk, rec in b.users.items():
+            self.users[pk] = orjson.loads(orjson.dumps(rec.to_dict()))
+        self.seen.update(b.seen)
+        ops = self.updater.finish(b)
+        for op in ops:
+            orjson.dumps(op)  # an emarsys-operations record must serialise
+        return b, ops
+
+    def record(self, pk: str = PK) -> UserRecord:
+        rec = self.load_user(pk)
+        assert rec is not None
+        return rec
+
+
+def make(max_ids: int = 50, window_ms: int = 24 * HOUR_MS, **kw: Any) -> Store:
+    return Store(
+        ContactUpdater(
+            DATA_MAP, key_field_id=KEY_ID, max_ids=max_ids, dedupe_window_ms=window_ms, **kw
+        )
+    )
+
+
+def ev(
+    mid: str,
+    ts: int = 1_000,
+    ev_type: str = "identify",
+    *,
+    pk: str = PK,
+    user_id: str | None = "u1",
+    anonymous_id: str | None = "a1",
+    **extra: Any,
+) -> tuple[str, dict[str, Any]]:
+    event: dict[str, Any] = {"type": ev_type, "messageId": mid}
+    if user_id is not None:
+        event["userId"] = user_id
+    if anonymous_id is not None:
+        event["anonymousId"] = anonymous_id
+    if ev_type == "track":
+        event["event"] = "Clicked"
+    event.update(extra)
+    return pk, {"kind": "event", "event": event, "ts": ts, "source": SRC, "primary_key": pk}
+
+
+def failed(
+    fields: dict[str, Any], contact_missing: bool = False, pk: str = PK
+) -> tuple[str, dict[str, Any]]:
+    return pk, {
+        "kind": "send_failed",
+        "primary_key": pk,
+        "fields": fields,
+        "contact_missing": contact_missing,
+    }
+
+
+# -- upsert_operation -------------------------------------------------------------------------
+
+
+def test_upsert_operation_shape() -> None:
+    assert upsert_operation(PK, 3, {"1": "Ann"}, 5, ["m"]) == {
+        "op": "contact_upsert",
+        "primary_key": PK,
+        "key_id": "3",
+        "fields": {"1": "Ann"},
+        "event_time_ms": 5,
+        "message_ids": ["m"],
+    }
+
+
+# -- new contacts and fields ------------------------------------------------------------------
+
+
+def test_new_contact_without_mapped_fields_gets_one_op() -> None:
+    s = make()
+    b, ops = s.batch([ev("m1", 1_000, "track")])
+    assert ops == [
+        {
+            "op": "contact_upsert",
+            "primary_key": PK,
+            "key_id": str(KEY_ID),
+            "fields": {},
+            "event_time_ms": 1_000,
+            "message_ids": ["m1"],
+        }
+    ]
+    assert b.new_users == {PK}
+    assert b.events == 1 and b.duplicates == 0 and b.unchanged == 0
+    rec = s.record()
+    assert rec.created_in_emarsys is True
+    assert rec.user_ids == ["u1"] and rec.anonymous_ids == ["a1"]
+    assert rec.first_seen_ms == rec.last_seen_ms == 1_000
+    assert rec.event_count == 1 and rec.counts_by_type == {"track": 1}
+    assert rec.fields_sent == {}
+    # A second field-less event for a created contact: nothing to send.
+    b, ops = s.batch([ev("m2", 2_000, "track")])
+    assert ops == [] and b.unchanged == 1 and b.new_users == set()
+
+
+def test_mapped_fields_keyed_by_field_id_string() -> None:
+    s = make()
+    _, ops = s.batch(
+        [
+            ev(
+                "m1",
+                traits={"firstName": "Ann", "email": "ANN@Example.com", "optin": "yes"},
+                properties={"revenue": "12.5"},
+            )
+        ]
+    )
+    assert len(ops) == 1
+    assert ops[0]["fields"] == {"1": "Ann", "3": "ann@example.com", "31": 1, "100": 12.5}
+    assert s.record().fields_sent == ops[0]["fields"]
+
+
+def test_unchanged_identify_second_time_sends_nothing() -> None:
+    s = make()
+    traits = {"firstName": "Ann", "lastName": "Lee"}
+    _, ops = s.batch([ev("m1", 1_000, traits=traits)])
+    assert len(ops) == 1
+    b, ops = s.batch([ev("m2", 2_000, traits=traits)])
+    assert ops == []
+    assert b.unchanged == 1 and b.events == 1
+    rec = s.record()
+    assert rec.event_count == 2 and rec.last_seen_ms == 2_000
+
+
+def test_changed_field_sends_only_that_field() -> None:
+    s = make()
+    s.batch([ev("m1", 1_000, traits={"firstName": "Ann", "lastName": "Lee"})])
+    b, ops = s.batch([ev("m2", 2_000, traits={"firstName": "Ann", "lastName": "Smith"})])
+    assert len(ops) == 1
+    assert ops[0]["fields"] == {"2": "Smith"}
+    assert ops[0]["message_ids"] == ["m2"]
+    assert ops[0]["event_time_ms"] == 2_000
+    assert b.unchanged == 0
+    assert s.record().fields_sent == {"1": "Ann", "2": "Smith"}
+
+
+def test_value_type_change_counts_as_change() -> None:
+    s = make()
+    s.batch([ev("m1", properties={"revenue": 1})])
+    _, ops = s.batch([ev("m2", properties={"revenue": 1.5})])
+    assert ops[0]["fields"] == {"100": 1.5}
+
+
+def test_absent_field_does_not_clear_sent_value() -> None:
+    s = make()
+    s.batch([ev("m1", traits={"firstName": "Ann"})])
+    b, ops = s.batch([ev("m2", traits={"lastName": None})])
+    assert ops == [] and b.unchanged == 1
+    assert s.record().fields_sent == {"1": "Ann"}
+
+
+# -- merging per batch ------------------------------------------------------------------------
+
+
+def test_several_events_one_pk_one_batch_merge_into_one_op() -> None:
+    s = make()
+    b, ops = s.batch(
+        [
+            ev("m1", 1_000, traits={"firstName": "Ann"}),
+            ev("m2", 2_000, "track", properties={"revenue": 5}),
+            ev("m3", 3_000, traits={"firstName": "Anne", "lastName": "Lee"}),
+            ev("x1", 1_500, pk=PK2, user_id="u2", anonymous_id=None, traits={"firstName": "Bob"}),
+        ]
+    )
+    assert b.events == 4
+    assert b.new_users == {PK, PK2}
+    by_pk = {op["primary_key"]: op for op in ops}
+    assert [op["primary_key"] for op in ops] == [PK, PK2]
+    assert by_pk[PK]["fields"] == {"1": "Anne", "100": 5, "2": "Lee"}
+    assert by_pk[PK]["event_time_ms"] == 3_000
+    assert by_pk[PK]["message_ids"] == ["m1", "m2", "m3"]
+    assert by_pk[PK2]["fields"] == {"1": "Bob"}
+    rec = s.record()
+    assert rec.event_count == 3
+    assert rec.counts_by_type == {"identify": 2, "track": 1}
+    assert rec.fields_sent == {"1": "Anne", "100": 5, "2": "Lee"}
+    assert "_field_ts" not in by_pk[PK]
+
+
+def test_later_event_time_wins_per_field_when_out_of_order() -> None:
+    s = make()
+    _, ops = s.batch(
+        [
+            ev("new", 3_000, traits={"firstName": "New", "lastName": "Lee"}),
+            ev("old", 1_000, traits={"firstName": "Old", "optin": True}),
+        ]
+    )
+    (op,) = ops
+    assert op["fields"] == {"1": "New", "2": "Lee", "31": 1}
+    assert op["event_time_ms"] == 3_000
+    assert sorted(op["message_ids"]) == ["new", "old"]
+    rec = s.record()
+    # The record remembers what was actually queued (the winning value).
+    assert rec.fields_sent == {"1": "New", "2": "Lee", "31": 1}
+    assert rec.first_seen_ms == 1_000 and rec.last_seen_ms == 3_000
+    # So a later event with the older value is a real change and is sent.
+    _, ops = s.batch([ev("later", 4_000, traits={"firstName": "Old"})])
+    assert ops[0]["fields"] == {"1": "Old"}
+
+
+def test_older_event_does_not_override_newer_unchanged_value() -> None:
+    s = make()
+    s.batch([ev("m1", 1_000, traits={"firstName": "Ann"})])
+    # In the next batch the newest event repeats the sent value (unchanged) and an older
+    # event, processed after it, carries another value: Emarsys must keep "Ann".
+    b, ops = s.batch(
+        [
+            ev("m3", 3_000, traits={"firstName": "Ann"}),
+            ev("m2", 2_000, traits={"firstName": "Stale"}),
+        ]
+    )
+    assert ops == []
+    assert b.unchanged == 2
+    assert s.record().fields_sent == {"1": "Ann"}
+
+
+def test_equal_event_time_later_processed_wins() -> None:
+    s = make()
+    _, ops = s.batch(
+        [
+            ev("m1", 1_000, traits={"firstName": "A"}),
+            ev("m2", 1_000, traits={"firstName": "B"}),
+        ]
+    )
+    assert ops[0]["fields"] == {"1": "B"}
+    assert s.record().fields_sent == {"1": "B"}
+
+
+def test_in_order_change_back_to_previous_value_in_one_batch() -> None:
+    s = make()
+    s.batch([ev("m1", 1_000, traits={"firstName": "Ann"})])
+    _, ops = s.batch(
+        [
+            ev("m2", 2_000, traits={"firstName": "Bob"}),
+            ev("m3", 3_000, traits={"firstName": "Ann"}),
+        ]
+    )
+    assert ops[0]["fields"] == {"1": "Ann"}
+    assert s.record().fields_sent == {"1": "Ann"}
+
+
+def test_message_ids_bounded() -> None:
+    s = make(max_message_ids=2)
+    _, ops = s.batch([ev(f"m{i}", 1_000 + i, traits={"firstName": f"N{i}"}) for i in range(5)])
+    assert ops[0]["message_ids"] == ["m0", "m1"]
+    assert ops[0]["fields"] == {"1": "N4"}
+    assert ops[0]["event_time_ms"] == 1_004
+
+
+# -- dedupe -----------------------------------------------------------------------------------
+
+
+def test_duplicate_message_id_in_one_batch() -> None:
+    s = make()
+    b, ops = s.batch(
+        [
+            ev("dup", 1_000, traits={"firstName": "Ann"}),
+            ev("dup", 1_000, traits={"firstName": "Ann"}),
+        ]
+    )
+    assert b.duplicates == 1 and b.events == 1
+    assert len(ops) == 1 and ops[0]["message_ids"] == ["dup"]
+    assert s.record().event_count == 1
+    assert s.seen == {"dup": NOW}
+
+
+def test_duplicate_message_id_across_batches_via_load_seen() -> None:
+    s = make()
+    s.batch([ev("dup", 1_000, traits={"firstName": "Ann"})])
+    before = s.record().to_dict()
+    # Even with a different payload, a re-delivered messageId has no effect.
+    b, ops = s.batch([ev("dup", 2_000, traits={"firstName": "Zed"})], now_ms=NOW + HOUR_MS)
+    assert b.duplicates == 1 and b.events == 0
+    assert ops == [] and b.users == {} and b.seen == {}
+    assert s.record().to_dict() == before
+    assert s.seen == {"dup": NOW}
+
+
+def test_duplicate_outside_window_is_processed() -> None:
+    s = make(window_ms=HOUR_MS)
+    s.batch([ev("dup", 1_000, traits={"firstName": "Ann"})])
+    b, ops = s.batch([ev("dup", 2_000, traits={"firstName": "Zed"})], now_ms=NOW + HOUR_MS)
+    assert b.duplicates == 0 and b.events == 1
+    assert ops[0]["fields"] == {"1": "Zed"}
+    assert s.record().event_count == 2
+    assert s.seen == {"dup": NOW + HOUR_MS}
+
+
+def test_duplicate_just_inside_window() -> None:
+    s = make(window_ms=HOUR_MS)
+    s.batch([ev("dup", 1_000)])
+    b, _ = s.batch([ev("dup", 2_000)], now_ms=NOW + HOUR_MS - 1)
+    assert b.duplicates == 1
+
+
+# -- send_failed feedback ---------------------------------------------------------------------
+
+
+def test_send_failed_forgets_values_so_they_are_sent_again() -> None:
+    s = make()
+    s.batch([ev("m1", 1_000, traits={"firstName": "Ann", "lastName": "Lee"})])
+    b, ops = s.batch([failed({"1": "Ann"})])
+    assert ops == [] and b.events == 0
+    rec = s.record()
+    assert rec.fields_sent == {"2": "Lee"}
+    assert rec.created_in_emarsys is True
+    _, ops = s.batch([ev("m2", 2_000, traits={"firstName": "Ann", "lastName": "Lee"})])
+    assert ops[0]["fields"] == {"1": "Ann"}
+    assert s.record().fields_sent == {"1": "Ann", "2": "Lee"}
+
+
+def test_send_failed_keeps_field_updated_since() -> None:
+    s = make()
+    s.batch([ev("m1", 1_000, traits={"firstName": "Ann"})])
+    s.batch([ev("m2", 2_000, traits={"firstName": "Anne"})])
+    s.batch([failed({"1": "Ann"})])  # feedback for the older value arrives late
+    assert s.record().fields_sent == {"1": "Anne"}
+
+
+def test_send_failed_contact_missing_recreates_on_next_event() -> None:
+    s = make()
+    s.batch([ev("m1", 1_000, "track")])
+    assert s.record().created_in_emarsys is True
+    s.batch([failed({}, contact_missing=True)])
+    assert s.record().created_in_emarsys is False
+    b, ops = s.batch([ev("m2", 2_000, "track")])
+    assert len(ops) == 1 and ops[0]["fields"] == {}
+    assert b.unchanged == 0 and b.new_users == set()
+    assert s.record().created_in_emarsys is True
+
+
+def test_send_failed_for_unknown_contact_is_ignored() -> None:
+    s = make()
+    b, ops = s.batch([failed({"1": "x"}, contact_missing=True)])
+    assert ops == [] and b.users == {}
+    assert s.users == {}
+
+
+def test_send_failed_in_same_batch_after_event() -> None:
+    s = make()
+    s.batch([ev("m1", 1_000, traits={"firstName": "Ann"})])
+    _, ops = s.batch([ev("m2", 2_000, traits={"firstName": "Bob"}), failed({"1": "Ann"})])
+    assert ops[0]["fields"] == {"1": "Bob"}
+    assert s.record().fields_sent == {"1": "Bob"}
+
+
+def test_unknown_kind_is_ignored() -> None:
+    s = make()
+    b, ops = s.batch([(PK, {"kind": "whatever"})])
+    assert ops == [] and b.users == {} and b.events == 0
+
+
+# -- ids --------------------------------------------------------------------------------------
+
+
+def test_alias_adds_previous_id_and_user_id() -> None:
+    s = make()
+    s.batch([ev("m1", 1_000, user_id="u1", anonymous_id="a1")])
+    b, _ = s.batch([ev("al", 2_000, "alias", user_id="u2", anonymous_id=None, previousId="a0")])
+    rec = s.record()
+    assert rec.anonymous_ids == ["a1", "a0"]
+    assert rec.user_ids == ["u1", "u2"]
+    # One event, even though ids were updated twice.
+    assert rec.event_count == 2
+    assert rec.counts_by_type == {"identify": 1, "alias": 1}
+    assert rec.last_seen_ms == 2_000
+    assert b.events == 1
+
+
+def test_alias_as_first_event_creates_contact() -> None:
+    s = make()
+    b, ops = s.batch([ev("al", 2_000, "alias", user_id="u2", anonymous_id=None, previousId="u1")])
+    assert b.new_users == {PK} and len(ops) == 1
+    rec = s.record()
+    assert rec.user_ids == ["u2"] and rec.anonymous_ids == ["u1"]
+    assert rec.event_count == 1 and rec.counts_by_type == {"alias": 1}
+
+
+def test_user_ids_bounded_by_max_ids() -> None:
+    s = make(max_ids=3)
+    s.batch([ev(f"m{i}", 1_000 + i, user_id=f"u{i}", anonymous_id=f"a{i}") for i in range(5)])
+    rec = s.record()
+    assert rec.user_ids == ["u2", "u3", "u4"]
+    assert rec.anonymous_ids == ["a2", "a3", "a4"]
+    # A seen id moves to the end instead of growing the list.
+    s.batch([ev("again", 9_000, user_id="u2", anonymous_id=None)])
+    assert s.record().user_ids == ["u3", "u4", "u2"]
+
+
+def test_integer_user_id_is_stored_as_string() -> None:
+    s = make()
+    s.batch(
+        [
+            (
+                PK,
+                {
+                    "kind": "event",
+                    "event": {"type": "track", "event": "x", "messageId": "m", "userId": 42},
+                    "ts": 1,
+                    "source": SRC,
+                },
+            )
+        ]
+    )
+    assert s.record().user_ids == ["42"]
+
+
+def test_records_round_trip_between_batches() -> None:
+    s = make()
+    s.batch([ev("m1", 5_000, traits={"firstName": "Ann"})])
+    s.batch([ev("m2", 1_000, "page")])
+    rec = s.record()
+    assert rec.first_seen_ms == 1_000 and rec.last_seen_ms == 5_000
+    assert rec.counts_by_type == {"identify": 1, "page": 1}
+    assert rec.primary_key == PK

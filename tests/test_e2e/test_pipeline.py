@@ -1,0 +1,197 @@
+"""The whole pipeline on a real broker and the Emarsys simulator (no mocks)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import aiohttp
+import orjson
+
+from app.dead_letter import raw_bytes_from_envelope
+from tests.fixtures import Deployment, wait_for
+
+
+def identify(email: str, *, mid: str, uid: str | None = None, aid: str | None = None,
+             ts: str = "2026-11-28T09:00:00.000Z", **traits: Any) -> dict[str, Any]:
+    ev: dict[str, Any] = {"type": "identify", "messageId": mid, "timestamp": ts,
+                          "traits": {"email": email, **traits}}
+    if uid:
+        ev["userId"] = uid
+    if aid:
+        ev["anonymousId"] = aid
+    return ev
+
+
+def upsert_calls(sim: Any) -> list[Any]:
+    return [c for c in sim.state.calls if c.method == "PUT" and "/contact" in c.path]
+
+
+def contact(sim: Any, email: str) -> dict[str, Any] | None:
+    c = sim.state.contact_by_key(email, "3")
+    return None if c is None else dict(c.fields)
+
+
+async def user_record(dep: Deployment, pk: str) -> dict[str, Any] | None:
+    port = dep.workers[0].web_port
+    async with aiohttp.ClientSession() as s, s.get(f"http://127.0.0.1:{port}/users/{pk}") as r:
+        return None if r.status == 404 else await r.json()
+
+
+async def test_identify_upserts_mapped_fields_with_normalised_email(
+    deployment_factory: Any, simulator: Any
+) -> None:
+    dep = deployment_factory(simulator.url)
+    await dep.start_worker()
+    await dep.produce([identify(" Ann@Example.COM ", mid="m1", uid="u1", firstName="Ann",
+                                lastName="Lee", optIn=True, birthday="1990-04-01T10:00:00Z")])
+    fields = await wait_for(lambda: contact(simulator, "ann@example.com"))
+    assert fields == {"3": "ann@example.com", "1": "Ann", "2": "Lee", "31": 1, "4": "1990-04-01"}
+    calls = upsert_calls(simulator)
+    assert len(calls) == 1
+    assert calls[0].body["key_id"] == "3"
+    assert calls[0].query.get("create_if_not_exists") == "1"
+
+
+async def test_anonymous_events_are_held_until_identify_links_them(
+    deployment_factory: Any, simulator: Any
+) -> None:
+    dep = deployment_factory(simulator.url)
+    await dep.start_worker()
+    await dep.produce([
+        {"type": "track", "event": "Product Viewed", "anonymousId": "anon-1", "messageId": "t1",
+         "timestamp": "2026-11-28T08:59:00.000Z", "properties": {"sku": "A"}},
+        {"type": "page", "name": "Home", "anonymousId": "anon-1", "messageId": "p1",
+         "timestamp": "2026-11-28T08:59:30.000Z"},
+    ])
+    await dep.produce([identify("ann@example.com", mid="i1", uid="user-1", aid="anon-1",
+                                firstName="Ann")])
+
+    async def record_complete() -> dict[str, Any] | None:
+        rec = await user_record(dep, "ann@example.com")
+        return rec if rec and rec["event_count"] == 3 else None
+
+    rec = None
+    for _ in range(200):
+        rec = await record_complete()
+        if rec:
+            break
+        await __import__("asyncio").sleep(0.2)
+    assert rec is not None, "held events were not released into the users table"
+    assert rec["anonymous_ids"] == ["anon-1"]
+    assert rec["user_ids"] == ["user-1"]
+    assert rec["counts_by_type"] == {"identify": 1, "page": 1, "track": 1}
+    assert rec["first_seen_ms"] < rec["last_seen_ms"]  # event time of the held track kept
+    assert (await wait_for(lambda: contact(simulator, "ann@example.com")))["1"] == "Ann"
+
+
+async def test_alias_links_previous_id_to_the_contact(
+    deployment_factory: Any, simulator: Any
+) -> None:
+    dep = deployment_factory(simulator.url)
+    await dep.start_worker()
+    await dep.produce([identify("bob@example.com", mid="i1", uid="user-2", firstName="Bob")])
+    await wait_for(lambda: contact(simulator, "bob@example.com"))
+    await dep.produce([
+        {"type": "alias", "previousId": "anon-9", "userId": "user-2", "messageId": "a1"},
+        {"type": "track", "event": "Signed Up", "anonymousId": "anon-9", "messageId": "t9",
+         "timestamp": "2026-11-28T09:06:00.000Z"},
+    ])
+    rec: dict[str, Any] | None = None
+    for _ in range(200):
+        rec = await user_record(dep, "bob@example.com")
+        if rec and rec["counts_by_type"].get("track") == 1:
+            break
+        await __import__("asyncio").sleep(0.2)
+    assert rec is not None and rec["counts_by_type"].get("track") == 1
+    assert "anon-9" in rec["anonymous_ids"]
+    assert rec["user_ids"] == ["user-2"]
+    assert rec["counts_by_type"]["alias"] == 1
+
+
+async def test_invalid_input_is_dead_lettered_with_exact_original_bytes(
+    deployment_factory: Any, simulator: Any
+) -> None:
+    dep = deployment_factory(simulator.url)
+    await dep.start_worker()
+    big = orjson.dumps({"type": "track", "event": "x", "anonymousId": "a",
+                        "properties": {"blob": "x" * 40_000}})
+    bad: dict[str, bytes] = {
+        "not_utf8": b'{"type": "identify", "userId": "\xff\xfe"}',
+        "invalid_json": b"this is not json",
+        "not_an_object": b"[1, 2, 3]",
+        "invalid_type": b'{"type": "purchase", "userId": "u"}',
+        "missing_identity": b'{"type": "identify", "traits": {"email": "a@b.c"}}',
+        "track_missing_event": b'{"type": "track", "userId": "u"}',
+        "group_missing_group_id": b'{"type": "group", "userId": "u"}',
+        "alias_missing_previous_id": b'{"type": "alias", "userId": "u"}',
+        "too_large": big,
+    }
+    await dep.produce(list(bad.values()))
+    dead = await dep.read_topic(dep.dlq_topic, expect=len(bad))
+    assert len(dead) == len(bad)
+    by_reason = {d["reason"]: d for d in dead}
+    assert set(by_reason) == set(bad)
+    for reason, raw in bad.items():
+        env = by_reason[reason]
+        assert raw_bytes_from_envelope(env) == raw, reason
+        assert env["error"]
+        assert env["source"]["topic"] == dep.ingest_topic
+        assert isinstance(env["source"]["offset"], int)
+    assert by_reason["not_utf8"]["raw_base64"] is True
+    assert by_reason["invalid_json"]["raw_base64"] is False
+    # The worker survived all of it and still processes good input.
+    await dep.produce([identify("ok@example.com", mid="ok1", uid="u-ok")])
+    await wait_for(lambda: contact(simulator, "ok@example.com"))
+
+
+async def test_duplicate_message_id_has_one_effect(
+    deployment_factory: Any, simulator: Any
+) -> None:
+    dep = deployment_factory(simulator.url)
+    await dep.start_worker()
+    # A redelivered event is byte-identical: same messageId, same content. (The ingest
+    # topic is unkeyed, so which copy comes first is not defined; either has one effect.)
+    dup = identify("dup@example.com", mid="same", uid="u", firstName="First")
+    await dep.produce([dup, dup, dup])
+    await wait_for(lambda: contact(simulator, "dup@example.com"))
+    await dep.produce([identify("after@example.com", mid="x2", uid="u2")])
+    await wait_for(lambda: contact(simulator, "after@example.com"))
+    rec = await user_record(dep, "dup@example.com")
+    assert rec is not None and rec["event_count"] == 1
+    assert rec["counts_by_type"] == {"identify": 1}
+    metrics = await worker_metrics(dep)
+    assert metrics["emarsys_stream_duplicates_total"] == 2.0
+
+
+async def worker_metrics(dep: Deployment) -> dict[str, float]:
+    port = dep.workers[0].web_port
+    async with aiohttp.ClientSession() as s, s.get(f"http://127.0.0.1:{port}/metrics") as r:
+        text = await r.text()
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            out[name] = float(value)
+    return out
+
+
+async def test_2500_contacts_take_3_upsert_calls_and_unchanged_identify_none(
+    deployment_factory: Any, simulator: Any
+) -> None:
+    dep = deployment_factory(simulator.url, **{"emarsys.flush_interval": 5.0})
+    await dep.start_worker()
+    events = [identify(f"c{i}@example.com", mid=f"m{i}", uid=f"u{i}", firstName=f"N{i}")
+              for i in range(2500)]
+    await dep.produce(events)
+    await wait_for(lambda: len(simulator.state.contacts) >= 2500, timeout=120)
+    calls = upsert_calls(simulator)
+    assert [len(c.body["contacts"]) for c in calls] == [1000, 1000, 500]
+    # Same traits again, new messageIds: nothing changed, so no call at all.
+    again = [identify(f"c{i}@example.com", mid=f"again{i}", uid=f"u{i}", firstName=f"N{i}")
+             for i in range(100)]
+    await dep.produce(again)
+    await dep.produce([identify("marker@example.com", mid="marker", uid="um")])
+    await wait_for(lambda: contact(simulator, "marker@example.com"), timeout=60)
+    later = upsert_calls(simulator)[3:]
+    sent = [c["3"] for call in later for c in call.body["contacts"]]
+    assert sent == ["marker@example.com"]
