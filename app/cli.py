@@ -117,7 +117,10 @@ def run(
             # The embedded broker forgets everything on exit, so local table state from
             # an earlier run would not match its (empty) changelogs: start clean.
             fresh = Path(tempfile.mkdtemp(prefix="emarsys-stream-data-"))
-            settings = settings.model_copy(update={"data_dir": str(fresh)})
+            worker_tuning = settings.worker.model_copy(update={"producer_max_batch_size": 1})
+            settings = settings.model_copy(
+                update={"data_dir": str(fresh), "worker": worker_tuning}
+            )
         typer.echo("")
         typer.echo("emarsys-stream is starting")
         if broker is not None:

@@ -87,6 +87,7 @@ def faust_settings(settings: Settings) -> dict[str, Any]:
         "stream_buffer_maxsize": tuning.stream_buffer_maxsize,
         "stream_wait_empty": False,
         "producer_linger_ms": tuning.producer_linger_ms,
+        "producer_max_batch_size": tuning.producer_max_batch_size,
         "producer_max_request_size": 16 * 1024 * 1024,
         "table_standby_replicas": tuning.standby_replicas,
         "web_enabled": True,

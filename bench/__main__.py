@@ -31,37 +31,80 @@ def build_parser() -> argparse.ArgumentParser:
         "Emarsys simulator holds every expected contact; compare with a raw aiokafka "
         "consume + orjson.loads of the same topic.",
     )
-    p.add_argument("--events", type=int, default=None,
-                   help=f"events to produce (default {DEFAULT_EVENTS:,}; --quick {QUICK_EVENTS:,})")
-    p.add_argument("--contacts", type=int, default=None,
-                   help=f"people (default {DEFAULT_CONTACTS:,}; --quick {QUICK_CONTACTS:,})")
+    p.add_argument(
+        "--events",
+        type=int,
+        default=None,
+        help=f"events to produce (default {DEFAULT_EVENTS:,}; --quick {QUICK_EVENTS:,})",
+    )
+    p.add_argument(
+        "--contacts",
+        type=int,
+        default=None,
+        help=f"people (default {DEFAULT_CONTACTS:,}; --quick {QUICK_CONTACTS:,})",
+    )
     p.add_argument("--partitions", type=int, default=4, help="partitions of every topic (4)")
     p.add_argument("--workers", type=int, default=1, help="worker processes (1)")
-    p.add_argument("--store", choices=("rocksdb://", "memory://"), default="rocksdb://",
-                   help="table store of the worker (rocksdb://)")
-    p.add_argument("--quick", action="store_true",
-                   help=f"{QUICK_EVENTS:,} events / {QUICK_CONTACTS:,} contacts (under a minute)")
+    p.add_argument(
+        "--store",
+        choices=("rocksdb://", "memory://"),
+        default="rocksdb://",
+        help="table store of the worker (rocksdb://)",
+    )
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"{QUICK_EVENTS:,} events / {QUICK_CONTACTS:,} contacts (under a minute)",
+    )
     p.add_argument("--seed", type=int, default=1, help="generator seed (1)")
-    p.add_argument("--flush-interval", type=float, default=1.0,
-                   help="emarsys.flush_interval in seconds (1.0)")
+    p.add_argument(
+        "--flush-interval", type=float, default=1.0, help="emarsys.flush_interval in seconds (1.0)"
+    )
     p.add_argument("--batch-size", type=int, default=1000, help="emarsys.batch_size (1000)")
-    p.add_argument("--set", dest="overrides", type=_override, action="append", default=[],
-                   metavar="KEY=VALUE",
-                   help="override a worker config key, e.g. --set worker.batch_max=5000 "
-                   "(repeatable; the value is YAML)")
-    p.add_argument("--timeout", type=float, default=1800.0,
-                   help="give up this many seconds after the worker is ready (1800)")
-    p.add_argument("--stall-timeout", type=float, default=120.0,
-                   help="give up (with a py-spy stack dump if installed) after this many "
-                   "seconds without progress (120)")
-    p.add_argument("--baseline-runs", type=int, default=2,
-                   help="raw consume runs; the best counts (2)")
-    p.add_argument("--profile", type=Path, default=None, metavar="SVG",
-                   help="record the worker with py-spy (must be installed) into this file")
-    p.add_argument("--keep", action="store_true",
-                   help="keep the work dir (logs, configs, table data) after a good run")
-    p.add_argument("--results-dir", type=Path, default=RESULTS_DIR,
-                   help="where to write <timestamp>.json (bench/results)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        type=_override,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a worker config key, e.g. --set worker.batch_max=5000 "
+        "(repeatable; the value is YAML)",
+    )
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=1800.0,
+        help="give up this many seconds after the worker is ready (1800)",
+    )
+    p.add_argument(
+        "--stall-timeout",
+        type=float,
+        default=120.0,
+        help="give up (with a py-spy stack dump if installed) after this many "
+        "seconds without progress (120)",
+    )
+    p.add_argument(
+        "--baseline-runs", type=int, default=2, help="raw consume runs; the best counts (2)"
+    )
+    p.add_argument(
+        "--profile",
+        type=Path,
+        default=None,
+        metavar="SVG",
+        help="record the worker with py-spy (must be installed) into this file",
+    )
+    p.add_argument(
+        "--keep",
+        action="store_true",
+        help="keep the work dir (logs, configs, table data) after a good run",
+    )
+    p.add_argument(
+        "--results-dir",
+        type=Path,
+        default=RESULTS_DIR,
+        help="where to write <timestamp>.json (bench/results)",
+    )
     return parser
 
 

@@ -41,25 +41,79 @@ __all__ = ["BASE_TIME", "GeneratedEvents", "Person", "generate_events", "normali
 BASE_TIME = datetime(2025, 3, 1, 8, 0, 0, tzinfo=UTC)
 
 _FIRST = (
-    "Anna", "Ben", "Clara", "David", "Elena", "Felix", "Greta", "Hugo", "Ida", "Jonas",
-    "Katrin", "Lukas", "Mia", "Noah", "Olivia", "Paul", "Quinn", "Rosa", "Simon", "Tara",
-    "Uwe", "Vera", "Wim", "Xenia", "Yusuf", "Zoe",
+    "Anna",
+    "Ben",
+    "Clara",
+    "David",
+    "Elena",
+    "Felix",
+    "Greta",
+    "Hugo",
+    "Ida",
+    "Jonas",
+    "Katrin",
+    "Lukas",
+    "Mia",
+    "Noah",
+    "Olivia",
+    "Paul",
+    "Quinn",
+    "Rosa",
+    "Simon",
+    "Tara",
+    "Uwe",
+    "Vera",
+    "Wim",
+    "Xenia",
+    "Yusuf",
+    "Zoe",
 )
 _LAST = (
-    "Acker", "Berger", "Costa", "Dietrich", "Evans", "Fischer", "Garcia", "Hoffmann",
-    "Ivanova", "Jensen", "Keller", "Lang", "Moreau", "Nowak", "Olsen", "Peters", "Rossi",
-    "Schmidt", "Tanaka", "Urban", "Vogel", "Weber", "Young", "Zimmermann",
+    "Acker",
+    "Berger",
+    "Costa",
+    "Dietrich",
+    "Evans",
+    "Fischer",
+    "Garcia",
+    "Hoffmann",
+    "Ivanova",
+    "Jensen",
+    "Keller",
+    "Lang",
+    "Moreau",
+    "Nowak",
+    "Olsen",
+    "Peters",
+    "Rossi",
+    "Schmidt",
+    "Tanaka",
+    "Urban",
+    "Vogel",
+    "Weber",
+    "Young",
+    "Zimmermann",
 )
 _DOMAINS = ("example.com", "example.org", "mail.example.net", "shop.example.de")
 _TRACKS = (
-    ("Product Viewed", "product"), ("Product Added", "product"), ("Cart Viewed", "cart"),
-    ("Checkout Started", "cart"), ("Order Completed", "order"), ("Products Searched", "search"),
-    ("Newsletter Opened", "mail"), ("Coupon Applied", "cart"),
+    ("Product Viewed", "product"),
+    ("Product Added", "product"),
+    ("Cart Viewed", "cart"),
+    ("Checkout Started", "cart"),
+    ("Order Completed", "order"),
+    ("Products Searched", "search"),
+    ("Newsletter Opened", "mail"),
+    ("Coupon Applied", "cart"),
 )
 _CATEGORIES = ("Shoes", "Jackets", "Bags", "Watches", "Shirts", "Outdoor", "Kids", "Sale")
 _PAGES = (
-    ("Home", "/"), ("Category", "/c/shoes"), ("Product", "/p/sku"), ("Cart", "/cart"),
-    ("Checkout", "/checkout"), ("Account", "/account"), ("Pricing", "/pricing"),
+    ("Home", "/"),
+    ("Category", "/c/shoes"),
+    ("Product", "/p/sku"),
+    ("Cart", "/cart"),
+    ("Checkout", "/checkout"),
+    ("Account", "/account"),
+    ("Pricing", "/pricing"),
     ("Blog", "/blog/spring-collection"),
 )
 _AGENTS = (
@@ -255,9 +309,11 @@ def generate_events(
         cursor[i] += 1
         p.events += 1
         ts_ms += rng.randint(1, 120)
-        stamp = (BASE_TIME + timedelta(milliseconds=ts_ms - base_ms)).isoformat(
-            timespec="milliseconds"
-        ).replace("+00:00", "Z")
+        stamp = (
+            (BASE_TIME + timedelta(milliseconds=ts_ms - base_ms))
+            .isoformat(timespec="milliseconds")
+            .replace("+00:00", "Z")
+        )
         event: dict[str, Any] = {
             "type": kind,
             "messageId": f"bench-{seed}-{n:09d}-{rng.getrandbits(32):08x}",
@@ -292,8 +348,10 @@ def generate_events(
             event["context"] = _context(rng, p)
         else:
             first_time = i not in opt_in
-            opted = rng.random() < 0.7 if first_time else (
-                (not opt_in[i]) if rng.random() < 0.2 else opt_in[i]
+            opted = (
+                rng.random() < 0.7
+                if first_time
+                else ((not opt_in[i]) if rng.random() < 0.2 else opt_in[i])
             )
             opt_in[i] = opted
             email = p.email
@@ -309,7 +367,11 @@ def generate_events(
             event["context"] = _context(rng, p)
             key = normalize_email(p.email)
             out.expected_emails.add(key)
-            out.expected_fields[key] = {"1": p.first_name, "2": p.last_name, "31": 1 if opted else 2}
+            out.expected_fields[key] = {
+                "1": p.first_name,
+                "2": p.last_name,
+                "31": 1 if opted else 2,
+            }
         raw = orjson.dumps(event)
         out.total_bytes += len(raw)
         out.events.append(raw)

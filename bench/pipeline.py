@@ -162,23 +162,47 @@ class _Processes:
             self.broker = None
 
 
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+
+
+def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 @contextlib.contextmanager
 def _sigterm_as_interrupt() -> Iterator[None]:
-    """SIGTERM/SIGHUP raise KeyboardInterrupt, so the cleanup in ``finally`` runs."""
-
-    def handler(signum: int, frame: FrameType | None) -> None:
-        raise KeyboardInterrupt(f"signal {signum}")
-
+    """Outside the event loop SIGTERM/SIGHUP raise KeyboardInterrupt (like Ctrl-C), so
+    the cleanup in ``finally`` runs. Inside it, :func:`_cancel_on_signals` takes over."""
     previous = {}
-    for sig in (signal.SIGTERM, signal.SIGHUP):
+    for sig in _STOP_SIGNALS:
         with contextlib.suppress(ValueError, OSError):  # not in the main thread
-            previous[sig] = signal.signal(sig, handler)
+            previous[sig] = signal.signal(sig, _raise_interrupt)
     try:
         yield
     finally:
         for sig, old in previous.items():
             with contextlib.suppress(ValueError, OSError):
                 signal.signal(sig, old)
+
+
+async def _cancel_on_signals(coro: Any) -> Any:
+    """Run ``coro``; SIGTERM/SIGHUP cancel it, so its ``finally`` blocks (closing
+    sessions and consumers) run. asyncio.run already does the same for Ctrl-C."""
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+    installed = []
+    for sig in _STOP_SIGNALS:
+        with contextlib.suppress(ValueError, OSError, RuntimeError, NotImplementedError):
+            if task is not None:
+                loop.add_signal_handler(sig, task.cancel)
+                installed.append(sig)
+    try:
+        return await coro
+    finally:
+        for sig in installed:
+            with contextlib.suppress(ValueError, OSError, RuntimeError):
+                loop.remove_signal_handler(sig)  # resets to SIG_DFL...
+                signal.signal(sig, _raise_interrupt)  # ...so put ours back
 
 
 # ------------------------------------------------------------------------------ helpers
@@ -221,6 +245,8 @@ def _machine_facts() -> dict[str, Any]:
         "implementation": platform.python_implementation(),
         "platform": platform.platform(),
     }
+    with contextlib.suppress(OSError):
+        facts["loadavg_at_start"] = [round(x, 2) for x in os.getloadavg()]
     with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
@@ -338,9 +364,7 @@ async def produce(bootstrap: str, topic: str, events: list[bytes]) -> tuple[floa
     """
     from aiokafka import AIOKafkaProducer
 
-    producer = AIOKafkaProducer(
-        bootstrap_servers=bootstrap, linger_ms=5, max_batch_size=256 * 1024
-    )
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=5, max_batch_size=256 * 1024)
     await producer.start()
     ends: dict[int, int] = {}
 
@@ -445,19 +469,30 @@ class GroupLag:
     """
 
     def __init__(self, bootstrap: str, group_id: str) -> None:
-        from aiokafka import AIOKafkaConsumer
-
         self.bootstrap = bootstrap
-        self.consumer = AIOKafkaConsumer(
-            bootstrap_servers=bootstrap, group_id=group_id, enable_auto_commit=False
-        )
+        self.group_id = group_id
+        self._consumer: Any = None
         self._partitions: dict[str, list[int]] = {}
 
+    @property
+    def consumer(self) -> Any:
+        if self._consumer is None:
+            raise BenchError("GroupLag is not started")
+        return self._consumer
+
     async def start(self) -> None:
-        await self.consumer.start()
+        from aiokafka import AIOKafkaConsumer
+
+        consumer = AIOKafkaConsumer(
+            bootstrap_servers=self.bootstrap, group_id=self.group_id, enable_auto_commit=False
+        )
+        await consumer.start()  # no subscribe(): it never joins the group
+        self._consumer = consumer
 
     async def stop(self) -> None:
-        await self.consumer.stop()
+        consumer, self._consumer = self._consumer, None
+        if consumer is not None:
+            await consumer.stop()
 
     async def partitions(self, topic: str) -> list[int]:
         """Partitions of ``topic`` (empty until the worker has created it)."""
@@ -528,7 +563,7 @@ async def _wait_ready(
         for w in list(pending):
             if not w.proc.alive():
                 raise _WorkerDied(w)
-            with contextlib.suppress(aiohttp.ClientError, asyncio.TimeoutError, OSError):
+            with contextlib.suppress(aiohttp.ClientError, TimeoutError, OSError):
                 url = f"http://127.0.0.1:{w.web_port}/health"
                 async with session.get(url, timeout=aiohttp.ClientTimeout(total=1)) as r:
                     if r.status == 200:
@@ -569,6 +604,13 @@ def _py_spy_dump(pid: int) -> str:
 
 
 async def _run(opts: PipelineOptions, procs: _Processes, tmp: Path) -> dict[str, Any]:
+    async with aiohttp.ClientSession() as session:
+        return await _run_with(opts, procs, tmp, session)
+
+
+async def _run_with(
+    opts: PipelineOptions, procs: _Processes, tmp: Path, session: aiohttp.ClientSession
+) -> dict[str, Any]:
     result: dict[str, Any] = {
         "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "options": {
@@ -592,8 +634,16 @@ async def _run(opts: PipelineOptions, procs: _Processes, tmp: Path) -> dict[str,
     sim_port = free_port()
     sim = procs.spawn(
         "simulator",
-        [sys.executable, "-m", "app.cli", "simulator", "--port", str(sim_port),
-         "--rate-limit", "0"],
+        [
+            sys.executable,
+            "-m",
+            "app.cli",
+            "simulator",
+            "--port",
+            str(sim_port),
+            "--rate-limit",
+            "0",
+        ],
         tmp / "simulator.log",
     )
     if not await asyncio.to_thread(wait_for_port, "127.0.0.1", sim_port, 30.0):
@@ -628,9 +678,13 @@ async def _run(opts: PipelineOptions, procs: _Processes, tmp: Path) -> dict[str,
     produce_s, ingest_ends = await produce(bootstrap, INGEST_TOPIC, gen.events)
     n_events = len(gen.events)
     if sum(ingest_ends.values()) != n_events:
-        raise BenchError(f"produced {n_events} events but the offsets say "
-                         f"{sum(ingest_ends.values())}")
-    result["produce"] = {"seconds": round(produce_s, 3), "events_per_s": round(n_events / produce_s)}
+        raise BenchError(
+            f"produced {n_events} events but the offsets say {sum(ingest_ends.values())}"
+        )
+    result["produce"] = {
+        "seconds": round(produce_s, 3),
+        "events_per_s": round(n_events / produce_s),
+    }
     _log(f"produced {n_events:,} events in {produce_s:.2f}s ({n_events / produce_s:,.0f}/s)")
     expected_fields = gen.expected_fields
     expected_emails = gen.expected_emails
@@ -671,7 +725,6 @@ async def _run(opts: PipelineOptions, procs: _Processes, tmp: Path) -> dict[str,
 
     profiler: subprocess.Popen[bytes] | None = None
     lag = GroupLag(bootstrap, APP_ID)
-    session = aiohttp.ClientSession()
     try:
         await _wait_ready(session, workers)
         await lag.start()  # after ready: nothing of ours touches the group during the join
@@ -683,15 +736,25 @@ async def _run(opts: PipelineOptions, procs: _Processes, tmp: Path) -> dict[str,
                 _log("--profile: py-spy is not installed (pip install py-spy); not profiling")
             else:
                 opts.profile.parent.mkdir(parents=True, exist_ok=True)
-                profiler = subprocess.Popen(
-                    [exe, "record", "--pid", str(workers[0].proc.pid), "--rate", "50",
-                     "--nonblocking", "--output", str(opts.profile)],
+                profiler = subprocess.Popen(  # noqa: ASYNC220 - returns at once
+                    [
+                        exe,
+                        "record",
+                        "--pid",
+                        str(workers[0].proc.pid),
+                        "--rate",
+                        "50",
+                        "--nonblocking",
+                        "--output",
+                        str(opts.profile),
+                    ],
                     stdout=subprocess.DEVNULL,
                     stderr=subprocess.DEVNULL,
                     start_new_session=True,
                 )
-        timeline = await _measure(opts, session, sim_base, lag, workers, ready_at,
-                                  n_events, expected)
+        timeline = await _measure(
+            opts, session, sim_base, lag, workers, ready_at, n_events, expected
+        )
     except _WorkerDied as died:
         w = died.worker
         _log(f"{died}; last lines of its log ({w.proc.log_path}):")
@@ -704,29 +767,27 @@ async def _run(opts: PipelineOptions, procs: _Processes, tmp: Path) -> dict[str,
                 profiler.wait(60)
         await lag.stop()
 
-    try:
-        # 5. figures --------------------------------------------------------------------
-        for w in workers:
-            st = _proc_status(w.proc.pid)
-            w.peak_rss_kb = st.get("VmHWM", 0)
-        cpu = [_cpu_seconds(w.proc.pid) for w in workers]
-        calls = await _get_json(session, f"{sim_base}/_sim/calls?method=PUT&path=/contact")
-        upserts = [c for c in calls if c["path"].rstrip("/").endswith("/contact")]
-        ok_upserts = [c for c in upserts if c["status"] == 200]
-        sent_contacts = sum(
-            len((c.get("body") or {}).get("contacts") or []) for c in ok_upserts
-        )
-        stats = await _get_json(session, f"{sim_base}/_sim/stats")
-        contacts = await _get_json(session, f"{sim_base}/_sim/contacts", timeout=120)
-        metrics: dict[str, float] = {}
-        with contextlib.suppress(aiohttp.ClientError, asyncio.TimeoutError, OSError):
+    # 5. figures --------------------------------------------------------------------
+    with contextlib.suppress(OSError):
+        result["machine"]["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
+    for w in workers:
+        w.peak_rss_kb = max(w.peak_rss_kb, _proc_status(w.proc.pid).get("VmHWM", 0))
+    cpu = [_cpu_seconds(w.proc.pid) for w in workers]
+    calls = await _get_json(session, f"{sim_base}/_sim/calls?method=PUT&path=/contact")
+    upserts = [c for c in calls if c["path"].rstrip("/").endswith("/contact")]
+    ok_upserts = [c for c in upserts if c["status"] == 200]
+    sent_contacts = sum(len((c.get("body") or {}).get("contacts") or []) for c in ok_upserts)
+    stats = await _get_json(session, f"{sim_base}/_sim/stats")
+    contacts = await _get_json(session, f"{sim_base}/_sim/contacts", timeout=120)
+    metrics: dict[str, float] = {}  # summed over the workers
+    for w in workers:
+        with contextlib.suppress(aiohttp.ClientError, TimeoutError, OSError):
             async with session.get(
-                f"http://127.0.0.1:{workers[0].web_port}/metrics",
+                f"http://127.0.0.1:{w.web_port}/metrics",
                 timeout=aiohttp.ClientTimeout(total=30),
             ) as resp:
-                metrics = _parse_metrics(await resp.text())
-    finally:
-        await session.close()
+                for key, value in _parse_metrics(await resp.text()).items():
+                    metrics[key] = metrics.get(key, 0.0) + value
 
     got_emails: dict[str, dict[str, Any]] = {}
     for c in contacts:
@@ -745,8 +806,7 @@ async def _run(opts: PipelineOptions, procs: _Processes, tmp: Path) -> dict[str,
             wrong_fields += 1
             if len(wrong_examples) < 5:
                 wrong_examples.append(
-                    {"email": email, "expected": want,
-                     "got": {k: have.get(k) for k in want}}
+                    {"email": email, "expected": want, "got": {k: have.get(k) for k in want}}
                 )
 
     secs = timeline["contacts_at"] - ready_at if timeline.get("contacts_at") else None
@@ -759,7 +819,8 @@ async def _run(opts: PipelineOptions, procs: _Processes, tmp: Path) -> dict[str,
             for c, w in zip(cpu, workers, strict=True)
         ],
         "metrics": {
-            k: v for k, v in metrics.items()
+            k: v
+            for k, v in metrics.items()
             if k.startswith("emarsys_stream_") and "{" not in k and not k.endswith("_created")
         },
     }
@@ -833,7 +894,7 @@ async def _measure(
             w.peak_rss_kb = max(w.peak_rss_kb, _proc_status(w.proc.pid).get("VmHWM", 0))
         try:
             stats = await _get_json(session, f"{sim_base}/_sim/stats", timeout=10)
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             raise BenchError(f"the simulator does not answer: {exc!r}") from exc
         now = time.monotonic()
         sim_contacts = int(stats.get("contacts", 0))
@@ -861,19 +922,21 @@ async def _measure(
                 timeline["ingest_at"] = now
                 _log(f"ingest topic fully committed after {now - ready_at:.2f}s")
 
-            def caught_up(topic: str) -> bool:
-                c, e = committed.get(topic), ends.get(topic)
-                return bool(c) and bool(e) and all(c[p] >= e.get(p, 0) for p in c)
-
-            if ingest_done and "users_at" not in timeline and caught_up(users_topic):
+            if (
+                ingest_done
+                and "users_at" not in timeline
+                and _caught_up(committed.get(users_topic), ends.get(users_topic))
+            ):
                 timeline["users_at"] = now
-                _log(f"users agent caught up (contact-events committed = end) after "
-                     f"{now - ready_at:.2f}s")
+                _log(
+                    f"users agent caught up (contact-events committed = end) after "
+                    f"{now - ready_at:.2f}s"
+                )
             agent_topics = topics[1:]
             if (
                 ingest_done
                 and "drained_at" not in timeline
-                and all(caught_up(t) for t in agent_topics)
+                and all(_caught_up(committed.get(t), ends.get(t)) for t in agent_topics)
             ):
                 timeline["drained_at"] = now
                 _log(f"every agent topic drained (committed = end) after {now - ready_at:.2f}s")
@@ -884,8 +947,9 @@ async def _measure(
                     "sim_calls": sim_calls,
                     "committed": {t: total(c) for t, c in committed.items()},
                     "ends": {t: total(e) for t, e in ends.items()},
-                    "rss_mb": [round(_proc_status(w.proc.pid).get("VmRSS", 0) / 1024)
-                               for w in workers],
+                    "rss_mb": [
+                        round(_proc_status(w.proc.pid).get("VmRSS", 0) / 1024) for w in workers
+                    ],
                     "cpu_s": [_cpu_seconds(w.proc.pid) for w in workers],
                 }
             )
@@ -899,8 +963,11 @@ async def _measure(
             for topic in topics:
                 short = topic.removeprefix(f"{TOPIC_PREFIX}.")
                 c = committed.get(topic)
-                e = n_events if topic == INGEST_TOPIC else (total(ends[topic])
-                                                            if topic in ends else None)
+                e = (
+                    n_events
+                    if topic == INGEST_TOPIC
+                    else (total(ends[topic]) if topic in ends else None)
+                )
                 text = "-" if c is None else f"{total(c):,}"
                 if e is not None:
                     text += f"/{e:,}"
@@ -919,10 +986,15 @@ async def _measure(
         if now - last_change > opts.stall_timeout:
             _stuck(workers, f"no progress for {opts.stall_timeout:.0f}s")
         await asyncio.sleep(0.1)
-    timeline["offsets"] = {
-        t: {"committed": committed.get(t), "end": ends.get(t)} for t in topics
-    }
+    timeline["offsets"] = {t: {"committed": committed.get(t), "end": ends.get(t)} for t in topics}
     return timeline
+
+
+def _caught_up(committed: dict[int, int] | None, ends: dict[int, int] | None) -> bool:
+    """Every partition's committed offset has reached its end offset."""
+    if not committed or not ends:
+        return False
+    return all(off >= ends.get(p, 0) for p, off in committed.items())
 
 
 def _stuck(workers: list[_Worker], why: str) -> None:
@@ -953,8 +1025,10 @@ def format_table(result: dict[str, Any]) -> str:
     ratio = p.get("ratio_to_baseline")
     rows: list[tuple[str, str]] = [
         ("events", num(g["events"])),
-        ("  track / page / identify", " / ".join(
-            num(g["by_type"].get(k, 0)) for k in ("track", "page", "identify"))),
+        (
+            "  track / page / identify",
+            " / ".join(num(g["by_type"].get(k, 0)) for k in ("track", "page", "identify")),
+        ),
         ("  mean event size", f"{g['mean_event_bytes']:.0f} B"),
         ("people (contacts option)", num(g["people"])),
         ("  with an email (expected in Emarsys)", num(g["identified_contacts"])),
@@ -974,18 +1048,29 @@ def format_table(result: dict[str, Any]) -> str:
         ("ready -> users agent caught up", num(p["seconds_to_users_caught_up"], " s")),
         ("ready -> every agent topic drained", num(p["seconds_to_all_topics_drained"], " s")),
         ("", ""),
-        ("contacts in simulator / expected", f"{num(e['contacts_in_simulator'])} / "
-                                              f"{num(e['expected_contacts'])}"),
-        ("  missing / unexpected / fields != last identify", f"{e['missing_contacts']} / "
-         f"{e['unexpected_contacts']} / {e['contacts_with_wrong_fields']}"),
-        ("upsert calls (ok) / minimum", f"{e['upsert_calls']} ({e['upsert_calls_ok']}) / "
-                                        f"{e['upsert_calls_minimum']}"),
+        (
+            "contacts in simulator / expected",
+            f"{num(e['contacts_in_simulator'])} / {num(e['expected_contacts'])}",
+        ),
+        (
+            "  missing / unexpected / fields != last identify",
+            f"{e['missing_contacts']} / "
+            f"{e['unexpected_contacts']} / {e['contacts_with_wrong_fields']}",
+        ),
+        (
+            "upsert calls (ok) / minimum",
+            f"{e['upsert_calls']} ({e['upsert_calls_ok']}) / {e['upsert_calls_minimum']}",
+        ),
         ("contacts sent / per call", f"{num(e['contacts_sent'])} / {e['contacts_per_call']}"),
         ("worker peak RSS (VmHWM)", ", ".join(f"{x:,.0f} MB" for x in w["peak_rss_mb"])),
         ("worker CPU s (after ready)", ", ".join(num(x) for x in w["cpu_seconds_after_ready"])),
         ("", ""),
         ("machine: nproc / python", f"{m['nproc']} / {m['implementation']} {m['python']}"),
         ("  cpu", str(m.get("cpu_model", "?"))),
+        (
+            "  load average start / end (1 min)",
+            f"{(m.get('loadavg_at_start') or ['?'])[0]} / {(m.get('loadavg_at_end') or ['?'])[0]}",
+        ),
         ("  faust / aiokafka", f"{m.get('faust-streaming')} / {m.get('aiokafka')}"),
     ]
     width = max(len(k) for k, _ in rows) + 2
@@ -1020,7 +1105,7 @@ def run_pipeline(opts: PipelineOptions) -> int:
     try:
         with _sigterm_as_interrupt():
             try:
-                result = asyncio.run(_run(opts, procs, tmp))
+                result = asyncio.run(_cancel_on_signals(_run(opts, procs, tmp)))
             finally:
                 procs.stop_all()
         print(format_table(result), flush=True)
@@ -1031,7 +1116,7 @@ def run_pipeline(opts: PipelineOptions) -> int:
         if not ok:
             _log(f"{e['missing_contacts']} expected contacts never reached the simulator")
         return 0 if ok else 1
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, asyncio.CancelledError):
         _log("interrupted; processes stopped")
         return 130
     except BenchError as exc:
