@@ -6,6 +6,7 @@
 | identity | identity             | contact-events, identity (forwards), dead letters |
 | users    | contact-events       | emarsys-operations                                |
 | output   | emarsys-operations   | emarsys-results, emarsys-dlq, contact-events      |
+| rules    | contact-events       | rule-matches, emarsys-operations, late events     |
 """
 
 from __future__ import annotations
@@ -19,9 +20,10 @@ __all__ = ["register_all"]
 
 
 def register_all(rt: Runtime) -> None:
-    from agents import identity, ingest, output, users
+    from agents import identity, ingest, output, rules, users
 
     ingest.register(rt)
     identity.register(rt)
     users.register(rt)
     output.register(rt)
+    rules.register(rt)

@@ -18,10 +18,15 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from agents.emit import send_json
-from app.emarsys.batching import ContactChange, ContactUpsertBatcher
+from app.emarsys.batching import (
+    ContactChange,
+    ContactUpsertBatcher,
+    TriggerBatcher,
+    TriggerRequest,
+)
 from app.emarsys.client import CallResult, EmarsysClient
 from app.emarsys.factory import emarsys_client_from_settings
-from app.pending import PendingContacts
+from app.pending import PendingOperations
 
 if TYPE_CHECKING:
     from app.faust_app import Runtime
@@ -105,7 +110,7 @@ def register(rt: Runtime) -> None:
 
     @rt.app.agent(topics.operations, name="output")
     async def output(stream):  # type: ignore[no-untyped-def]
-        pending: PendingContacts[Any] = PendingContacts(
+        pending: PendingOperations[Any] = PendingOperations(
             s.emarsys.batch_size, s.emarsys.flush_interval, time.monotonic
         )
         lock = asyncio.Lock()
@@ -115,8 +120,11 @@ def register(rt: Runtime) -> None:
             async with lock:
                 while pending.due():
                     drained = pending.drain()
-                    for key_id, changes in drained.changes_by_key_id.items():
+                    # Upserts first: a new contact must exist before its first trigger.
+                    for key_id, changes in drained.upserts_by_key_id.items():
                         await upsert(client, key_id, changes)
+                    if drained.triggers:
+                        await trigger(client, drained.triggers)
                     for ev in drained.tokens:
                         await stream.ack(ev)
 
@@ -136,20 +144,94 @@ def register(rt: Runtime) -> None:
                 async for events in stream.take_events(s.worker.output_batch_max, tick):
                     async with lock:
                         for ev in events:
-                            op = orjson.loads(ev.value)
-                            if op.get("op") != "contact_upsert":
-                                log.warning("unknown operation %r skipped", op.get("op"))
-                                continue
-                            ev.message.incref()  # released by stream.ack() after the call
-                            change = ContactChange(
-                                op["primary_key"], op["fields"], int(op["event_time_ms"])
-                            )
-                            pending.add(str(op["key_id"]), change, ev)
+                            await accept(pending, ev)
                     if ticker.done():
                         ticker.result()  # re-raise a flusher crash into the agent
                     await flush_due(client)
             finally:
                 ticker.cancel()
+
+    async def accept(pending: PendingOperations[Any], ev: Any) -> None:
+        try:
+            op = orjson.loads(ev.value)
+            kind = op.get("op")
+            if kind == "contact_upsert":
+                change = ContactChange(op["primary_key"], op["fields"], int(op["event_time_ms"]))
+                ev.message.incref()  # released by stream.ack() once the call is done
+                pending.add_upsert(str(op["key_id"]), change, ev)
+                return
+            if kind == "event_trigger":
+                request = TriggerRequest(
+                    event_id=int(op["event_id"]),
+                    key_id=str(op["key_id"]),
+                    external_id=str(op["primary_key"]),
+                    data=op.get("data") or None,
+                    trigger_id=op.get("trigger_id"),
+                    event_time=op.get("event_time"),
+                )
+                ev.message.incref()
+                pending.add_trigger(request, ev)
+                return
+            raise ValueError(f"unknown operation {kind!r}")
+        except (ValueError, KeyError, TypeError) as exc:
+            # Never dropped silently: an operation we cannot read is dead-lettered.
+            m.emarsys_dead_letters.labels("unreadable").inc()
+            await send_json(
+                topics.emarsys_dead_letters,
+                None,
+                {"endpoint": "unreadable", "primary_keys": [], "error": str(exc),
+                 "raw": ev.value.decode("utf-8", "replace"), "at_ms": int(time.time() * 1000)},
+            )
+
+    async def trigger(client: EmarsysClient, requests: list[TriggerRequest]) -> None:
+        plan = TriggerBatcher(max_contacts=s.emarsys.batch_size).plan(requests)
+        for req in plan.oversize:
+            await refuse_triggers([req], None, {"oversize": "over 1 MB"})
+        for batch in plan.batches:
+            result = await client.trigger_event(batch.event_id, batch.key_id, batch.contacts)
+            await record_result(result, len(batch.contacts))
+            errors = result.contact_errors or {}
+            if result.ok and not errors:
+                continue
+            by_id = {r.external_id: r for r in batch.requests}
+            if not result.ok or any(k not in by_id for k in errors):
+                await refuse_triggers(batch.requests, result, errors or None)
+                continue
+            missing = [by_id[k] for k, e in errors.items() if "2008" in e]
+            other = [by_id[k] for k, e in errors.items() if "2008" not in e]
+            if other:
+                await refuse_triggers(other, result, {r.external_id: errors[r.external_id]
+                                                      for r in other})
+            if missing:
+                await retry_after_creating(client, batch.event_id, batch.key_id, missing)
+
+    async def retry_after_creating(
+        client: EmarsysClient, event_id: int, key_id: str, requests: list[TriggerRequest]
+    ) -> None:
+        """Contacts Emarsys does not know (2008): create them, then retry once."""
+        created = await client.upsert_contacts(
+            key_id, [{key_id: r.external_id} for r in requests]
+        )
+        await record_result(created, len(requests))
+        result = await client.trigger_event(event_id, key_id, [r.contact() for r in requests])
+        await record_result(result, len(requests))
+        errors = result.contact_errors or {}
+        if result.ok and not errors:
+            return
+        failed = requests if not result.ok else [r for r in requests if r.external_id in errors]
+        await refuse_triggers(failed or requests, result, errors or None)
+
+    async def refuse_triggers(
+        requests: list[TriggerRequest], result: CallResult | None, errors: dict[str, Any] | None
+    ) -> None:
+        for r in requests:
+            await dead_letter(
+                "event_trigger",
+                {"event_id": r.event_id, "key_id": r.key_id, "contacts": [r.contact()]},
+                result,
+                [r.external_id],
+                errors,
+            )
 
     async def upsert(client: EmarsysClient, key_id: str, changes: list[ContactChange]) -> None:
         batcher = ContactUpsertBatcher(key_id, max_contacts=s.emarsys.batch_size)

@@ -31,6 +31,8 @@ class Topics:
     operations: faust.TopicT
     results: faust.TopicT
     emarsys_dead_letters: faust.TopicT
+    rule_matches: faust.TopicT
+    late_events: faust.TopicT
 
 
 @dataclass
@@ -112,6 +114,11 @@ def _topic(app: faust.App, name: str, partitions: int | None, **kw: Any) -> faus
     )
 
 
+def late_topic_name(settings: Settings) -> str:
+    name = settings.rule_engine.get("late_topic")
+    return str(name) if name else settings.topic("late-events")
+
+
 def build_runtime(settings: Settings, *, agents: bool = True) -> Runtime:
     app = faust.App(**faust_settings(settings))
     n = settings.kafka.partitions
@@ -123,6 +130,8 @@ def build_runtime(settings: Settings, *, agents: bool = True) -> Runtime:
         operations=_topic(app, settings.topic("emarsys-operations"), n),
         results=_topic(app, settings.topic("emarsys-results"), n),
         emarsys_dead_letters=_topic(app, settings.topic("emarsys-dlq"), n),
+        rule_matches=_topic(app, settings.topic("rule-matches"), n),
+        late_events=_topic(app, late_topic_name(settings), n),
     )
     rt = Runtime(
         settings=settings,

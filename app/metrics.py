@@ -72,6 +72,18 @@ class Metrics:
             ["endpoint"],
             registry=r,
         )
+        self.rule_matches = Counter(
+            "emarsys_stream_rule_matches", "Rule matches by rule", ["rule"], registry=r
+        )
+        self.rule_engine = Counter(
+            "emarsys_stream_rule_engine",
+            "Rule engine events: duplicates, late, dropped/expired partials, suppressed",
+            ["what"],
+            registry=r,
+        )
+        self.late_events = Counter(
+            "emarsys_stream_late_events", "Events later than allowed_lateness", registry=r
+        )
         self.users_table_keys = Gauge(
             "emarsys_stream_users_table_keys", "Users table keys held by this worker", registry=r
         )

@@ -39,7 +39,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from app.durations import Duration
+from app.durations import Duration, parse_duration
 
 __all__ = [
     "DEFAULT_API_URL",
@@ -516,9 +516,29 @@ def settings_from_mapping(
                 continue
             errors.append(f"{_format_loc(loc)}: {message}")
         raise ConfigError(errors, source) from None
+    errors.extend(_rule_errors(settings))
     if errors:
         raise ConfigError(errors, source)
     return settings
+
+
+def _rule_errors(settings: Settings) -> list[str]:
+    """Rules are compiled at start-up; a bad rule is a config error naming rule and key."""
+    from app.rules import RuleConfigError, parse_rules
+
+    engine = dict(settings.rule_engine)
+    errors: list[str] = []
+    idle = engine.pop("idle_timeout", None)
+    if idle is not None:
+        try:
+            parse_duration(idle)
+        except ValueError as exc:
+            errors.append(f"rule_engine.idle_timeout: {exc}")
+    try:
+        parse_rules(settings.rules, engine)
+    except RuleConfigError as exc:
+        errors.extend(exc.errors)
+    return errors
 
 
 def redacted_dict(settings: Settings) -> dict[str, Any]:

@@ -91,8 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--profile",
         type=Path,
         default=None,
-        metavar="SVG",
-        help="record the worker with py-spy (must be installed) into this file",
+        metavar="FILE",
+        help="record worker 0 with py-spy (must be installed) from ready to the end into "
+        "FILE: .svg flamegraph, .txt collapsed stacks, .json speedscope",
     )
     p.add_argument(
         "--keep",

@@ -267,6 +267,25 @@ def _machine_facts() -> dict[str, Any]:
     return facts
 
 
+def _code_version() -> dict[str, Any]:
+    """Git commit and uncommitted files of the checkout the workers run."""
+    out: dict[str, Any] = {}
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10
+        )
+        status = subprocess.run(
+            ["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True, timeout=10
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return out
+    if head.returncode == 0:
+        out["commit"] = head.stdout.strip()
+    if status.returncode == 0:
+        out["uncommitted"] = [line[3:] for line in status.stdout.splitlines() if line[3:]]
+    return out
+
+
 def _set_dotted(cfg: dict[str, Any], dotted: str, value: Any) -> None:
     node = cfg
     parts = dotted.split(".")
@@ -582,6 +601,10 @@ class _WorkerDied(BenchError):
         )
 
 
+#: py-spy output format by file suffix (anything else: flamegraph SVG).
+_PROFILE_FORMATS = {".txt": "raw", ".json": "speedscope", ".svg": "flamegraph"}
+
+
 def _py_spy() -> str | None:
     found = shutil.which("py-spy")
     if found:
@@ -626,6 +649,7 @@ async def _run_with(
             "quick": opts.quick,
         },
         "machine": _machine_facts(),
+        "code": _code_version(),
     }
 
     # 1. broker + simulator ---------------------------------------------------------
@@ -745,6 +769,8 @@ async def _run_with(
                         "--rate",
                         "50",
                         "--nonblocking",
+                        "--format",
+                        _PROFILE_FORMATS.get(opts.profile.suffix.lower(), "flamegraph"),
                         "--output",
                         str(opts.profile),
                     ],
@@ -1072,6 +1098,11 @@ def format_table(result: dict[str, Any]) -> str:
             f"{(m.get('loadavg_at_start') or ['?'])[0]} / {(m.get('loadavg_at_end') or ['?'])[0]}",
         ),
         ("  faust / aiokafka", f"{m.get('faust-streaming')} / {m.get('aiokafka')}"),
+        (
+            "code",
+            f"{str(result.get('code', {}).get('commit', '?'))[:10]} "
+            f"(+{len(result.get('code', {}).get('uncommitted') or [])} uncommitted files)",
+        ),
     ]
     width = max(len(k) for k, _ in rows) + 2
     lines = ["", "emarsys-stream pipeline benchmark", "=" * (width + 30)]

@@ -10,6 +10,7 @@ All tables are changelog-backed, use the configured store (RocksDB by default,
 | anonymous_ids    | anonymousId         | primary key (JSON string)               | identity   | identity         |
 | user_ids         | userId              | primary key (JSON string)               | identity   | identity         |
 | held_events      | anonymousId/userId  | list of held normalised events          | identity   | identity         |
+| rule_state       | primary key         | rule engine state (partials, buffer)    | rules      | contact-events   |
 
 ``contact-events`` is keyed by primary key, ``identity`` by the anonymousId/userId,
 so each lookup table is partitioned by its own key and the users table by primary key.
@@ -31,6 +32,7 @@ class Tables:
     anonymous_ids: faust.Table
     user_ids: faust.Table
     held_events: faust.Table
+    rule_state: faust.Table
 
 
 def _table(app: faust.App, name: str, partitions: int, help_: str) -> faust.Table:
@@ -52,4 +54,5 @@ def define_tables(app: faust.App, partitions: int) -> Tables:
         anonymous_ids=_table(app, "anonymous_ids", partitions, "anonymousId -> primary key"),
         user_ids=_table(app, "user_ids", partitions, "userId -> primary key"),
         held_events=_table(app, "held_events", partitions, "events waiting for an identity"),
+        rule_state=_table(app, "rule_state", partitions, "rule builder partial matches"),
     )

@@ -1,0 +1,193 @@
+"""Rule builder end to end: sequences -> Emarsys external-event triggers (real broker)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+from tests.fixtures import Deployment, wait_for
+from tests.test_e2e.test_pipeline import identify
+
+EVENT_ID = 4711
+
+CART_RULE: dict[str, Any] = {
+    "name": "cart_abandonment",
+    "emarsys_event_id": EVENT_ID,
+    "within": "2h",
+    "steps": [
+        {
+            "event": "Product Viewed",
+            "where": {
+                "properties.category": {"in": ["shoes", "boots"]},
+                "properties.price": {"gt": 0},
+            },
+        },
+        {
+            "event": "Product Added",
+            "where": {"properties.sku": {"eq_step": 0, "path": "properties.sku"}},
+        },
+        {"absent": "Order Completed", "for": "3s"},
+    ],
+    "data": {"sku": "steps[1].properties.sku", "cart_value": "steps[1].properties.value"},
+    "once_per": "24h",
+}
+
+ENGINE = {"allowed_lateness": "500ms", "idle_timeout": "1s", "max_partial_matches": 100}
+
+
+def iso(ms: int) -> str:
+    return (
+        datetime.fromtimestamp(ms / 1000, tz=UTC).strftime("%Y-%m-%dT%H:%M:%S.")
+        + f"{ms % 1000:03d}Z"
+    )
+
+
+def track(name: str, uid: str, mid: str, ts_ms: int, **props: Any) -> dict[str, Any]:
+    return {
+        "type": "track",
+        "event": name,
+        "userId": uid,
+        "messageId": mid,
+        "timestamp": iso(ts_ms),
+        "properties": props,
+    }
+
+
+def cart_events(uid: str, email: str, t0: int, prefix: str) -> list[dict[str, Any]]:
+    return [
+        identify(email, mid=f"{prefix}-id", uid=uid, ts=iso(t0)),
+        track(
+            "Product Viewed", uid, f"{prefix}-v", t0 + 100, sku="SKU-1", category="shoes", price=59
+        ),
+        track("Product Added", uid, f"{prefix}-a", t0 + 200, sku="SKU-1", value=59),
+    ]
+
+
+def rules_deployment(factory: Any, sim: Any, rules: list[dict[str, Any]] | None = None) -> Any:
+    return factory(sim.url, rules=rules or [CART_RULE], rule_engine=ENGINE)
+
+
+def triggers(sim: Any) -> list[Any]:
+    return list(sim.state.triggers_for(EVENT_ID))
+
+
+async def test_trailing_absence_fires_without_any_further_event(
+    deployment_factory: Any, simulator: Any
+) -> None:
+    dep: Deployment = rules_deployment(deployment_factory, simulator)
+    await dep.start_worker()
+    t0 = int(time.time() * 1000)
+    await dep.produce(cart_events("u1", "cart@example.com", t0, "c1"))
+    # Nothing else is ever sent: the absence must fire on its timer (FLINK-15160).
+    await wait_for(lambda: triggers(simulator), timeout=60)
+    [trig] = triggers(simulator)
+    assert trig.external_id == "cart@example.com"
+    assert trig.data == {"sku": "SKU-1", "cart_value": 59}
+    assert trig.trigger_id
+    matches = await dep.read_topic(dep.topic("rule-matches"), expect=1)
+    assert matches[0]["rule"] == "cart_abandonment"
+    assert matches[0]["trigger_id"] == trig.trigger_id
+    assert [e["message_id"] for e in matches[0]["events"]] == ["c1-v", "c1-a"]
+    # An upsert created the contact before the trigger reached Emarsys.
+    calls = simulator.state.calls
+    first_trigger = next(i for i, c in enumerate(calls) if "/event/" in c.path)
+    assert any("/contact" in c.path for c in calls[:first_trigger])
+
+
+async def test_order_completed_in_time_prevents_the_trigger(
+    deployment_factory: Any, simulator: Any
+) -> None:
+    dep = rules_deployment(deployment_factory, simulator)
+    await dep.start_worker()
+    t0 = int(time.time() * 1000)
+    events = cart_events("u2", "buyer@example.com", t0, "c2")
+    events.append(track("Order Completed", "u2", "c2-o", t0 + 300, total=59))
+    events += cart_events("u3", "leaver@example.com", t0, "c3")
+    await dep.produce(events)
+    await wait_for(lambda: triggers(simulator), timeout=60)
+    await asyncio.sleep(3)  # both windows closed together: a wrong trigger would be here too
+    assert [t.external_id for t in triggers(simulator)] == ["leaver@example.com"]
+
+
+async def test_restart_with_open_absence_window_fires_exactly_once(
+    deployment_factory: Any, simulator: Any
+) -> None:
+    rule = dict(
+        CART_RULE, steps=[*CART_RULE["steps"][:2], {"absent": "Order Completed", "for": "8s"}]
+    )
+    dep = rules_deployment(deployment_factory, simulator, [rule])
+    w = await dep.start_worker()
+    t0 = int(time.time() * 1000)
+    await dep.produce(cart_events("u4", "restart@example.com", t0, "c4"))
+    await wait_for(lambda: simulator.state.contact_by_key("restart@example.com", "3"))
+    w.kill()  # kill -9 while the absence window is open
+    await dep.start_worker()
+    await wait_for(lambda: triggers(simulator), timeout=90)
+    await asyncio.sleep(6)  # give a duplicate the chance to appear
+    assert len(triggers(simulator)) == 1
+    assert triggers(simulator)[0].deliveries == 1
+
+
+async def test_out_of_order_within_lateness_matches_and_later_goes_to_late_topic(
+    deployment_factory: Any, simulator: Any
+) -> None:
+    seq_rule = {
+        "name": "view_then_add",
+        "emarsys_event_id": EVENT_ID,
+        "steps": [{"event": "Product Viewed"}, {"event": "Product Added"}],
+        "data": {"sku": "steps[1].properties.sku"},
+    }
+    dep = deployment_factory(
+        simulator.url, rules=[seq_rule], rule_engine={**ENGINE, "allowed_lateness": "10s"}
+    )
+    await dep.start_worker()
+    t0 = int(time.time() * 1000)
+    await dep.produce(
+        [
+            identify("ooo@example.com", mid="o-id", uid="u5", ts=iso(t0)),
+            # Arrives first but happened second: placed in event-time order.
+            track("Product Added", "u5", "o-a", t0 + 2000, sku="X"),
+            track("Product Viewed", "u5", "o-v", t0 + 1000, sku="X"),
+        ]
+    )
+    await wait_for(lambda: triggers(simulator), timeout=60)
+    assert triggers(simulator)[0].data == {"sku": "X"}
+    # Much later event time, then one from far behind the watermark -> late topic.
+    await dep.produce([track("Page Ping", "u5", "o-p", t0 + 120_000)])
+    await dep.produce([track("Product Viewed", "u5", "o-late", t0 - 60_000)])
+    late = await dep.read_topic(dep.topic("late-events"), expect=1, timeout=60)
+    assert [m["event"]["messageId"] for m in late] == ["o-late"]
+
+
+async def test_replay_from_the_start_sends_no_new_distinct_triggers(
+    deployment_factory: Any, simulator: Any
+) -> None:
+    dep = rules_deployment(deployment_factory, simulator)
+    w = await dep.start_worker()
+    t0 = int(time.time() * 1000) - 60_000  # history: the absence window is long over
+    events = []
+    for i in range(5):
+        events += cart_events(f"r{i}", f"replay{i}@example.com", t0 + i, f"r{i}")
+    events.append(track("Order Completed", "r0", "r0-o", t0 + 1000))
+    events.append(track("Heartbeat", "r1", "r1-h", t0 + 59_000))
+    await dep.produce(events)
+    await wait_for(lambda: len(triggers(simulator)) >= 4, timeout=90)
+    first = sorted((t.external_id, t.trigger_id) for t in triggers(simulator))
+    w.stop()
+    # Replay: a fresh consumer group and fresh state read the same ingest topic from the
+    # start (what resetting offsets does), against the same Emarsys.
+    replay = deployment_factory(
+        simulator.url,
+        rules=[CART_RULE],
+        rule_engine=ENGINE,
+        **{"kafka.ingest_topic": dep.ingest_topic},
+    )
+    await replay.start_worker()
+    calls_before = len(simulator.state.calls_to("/event/"))
+    await wait_for(lambda: len(simulator.state.calls_to("/event/")) > calls_before, timeout=90)
+    again = sorted((t.external_id, t.trigger_id) for t in triggers(simulator))
+    assert again == first
+    assert "replay0@example.com" not in {e for e, _ in first}
+    assert len(first) == 4
