@@ -164,14 +164,16 @@ async def test_out_of_order_within_lateness_matches_and_later_goes_to_late_topic
 async def test_replay_from_the_start_sends_no_new_distinct_triggers(
     deployment_factory: Any, simulator: Any
 ) -> None:
-    dep = rules_deployment(deployment_factory, simulator)
+    # History is judged by its own timestamps; the clock only follows wall time once
+    # every partition has been quiet for idle_timeout (after the backlog is read).
+    engine = {**ENGINE, "idle_timeout": "4s"}
+    dep = deployment_factory(simulator.url, rules=[CART_RULE], rule_engine=engine)
     w = await dep.start_worker()
     t0 = int(time.time() * 1000) - 60_000  # history: the absence window is long over
     events = []
     for i in range(5):
         events += cart_events(f"r{i}", f"replay{i}@example.com", t0 + i, f"r{i}")
     events.append(track("Order Completed", "r0", "r0-o", t0 + 1000))
-    events.append(track("Heartbeat", "r1", "r1-h", t0 + 59_000))
     await dep.produce(events)
     await wait_for(lambda: len(triggers(simulator)) >= 4, timeout=90)
     first = sorted((t.external_id, t.trigger_id) for t in triggers(simulator))
@@ -181,7 +183,7 @@ async def test_replay_from_the_start_sends_no_new_distinct_triggers(
     replay = deployment_factory(
         simulator.url,
         rules=[CART_RULE],
-        rule_engine=ENGINE,
+        rule_engine=engine,
         **{"kafka.ingest_topic": dep.ingest_topic},
     )
     await replay.start_worker()
@@ -191,3 +193,33 @@ async def test_replay_from_the_start_sends_no_new_distinct_triggers(
     assert again == first
     assert "replay0@example.com" not in {e for e, _ in first}
     assert len(first) == 4
+
+
+async def test_trigger_for_a_contact_emarsys_does_not_know_creates_it_and_retries(
+    deployment_factory: Any, simulator: Any
+) -> None:
+    seq_rule = {
+        "name": "signup",
+        "emarsys_event_id": EVENT_ID,
+        "steps": [{"event": "Signed Up"}],
+        "data": {"plan": "steps[0].properties.plan"},
+    }
+    dep = deployment_factory(simulator.url, rules=[seq_rule], rule_engine=ENGINE)
+    await dep.start_worker()
+    t0 = int(time.time() * 1000)
+    await dep.produce([identify("gone@example.com", mid="g-id", uid="ug", ts=iso(t0))])
+    await wait_for(lambda: simulator.state.contact_by_key("gone@example.com", "3"))
+    # The contact disappears from Emarsys (deleted there); our users table still knows it.
+    simulator.state.reset()
+    await dep.produce([track("Signed Up", "ug", "g-s", t0 + 100, plan="pro")])
+    await wait_for(lambda: triggers(simulator), timeout=60)
+    paths = [(c.method, c.path, c.reply_code) for c in simulator.state.calls]
+    trigger_calls = [p for p in paths if "/event/" in p[1]]
+    assert len(trigger_calls) == 2  # refused with 2008, then retried once
+    first = simulator.state.calls_to("/event/")[0]
+    assert first.body["contacts"][0]["external_id"] == "gone@example.com"
+    upserts_between = [p for p in paths if "/contact" in p[1]]
+    assert upserts_between, "the contact was not re-created before the retry"
+    assert simulator.state.contact_by_key("gone@example.com", "3") is not None
+    assert triggers(simulator)[0].data == {"plan": "pro"}
+    assert await dep.read_topic(dep.topic("emarsys-dlq"), expect=1, timeout=2) == []
