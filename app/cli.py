@@ -117,7 +117,12 @@ def run(
             # The embedded broker forgets everything on exit, so local table state from
             # an earlier run would not match its (empty) changelogs: start clean.
             fresh = Path(tempfile.mkdtemp(prefix="emarsys-stream-data-"))
-            worker_tuning = settings.worker.model_copy(update={"producer_max_batch_size": 1})
+            # The embedded broker also holds a new group's first join for about half the
+            # session timeout: a short one makes `run` ready in seconds.
+            worker_tuning = settings.worker.model_copy(
+                update={"producer_max_batch_size": 1, "session_timeout": 6.0,
+                        "heartbeat_interval": 1.0}
+            )
             settings = settings.model_copy(
                 update={"data_dir": str(fresh), "worker": worker_tuning}
             )
