@@ -9,6 +9,7 @@ import orjson
 
 from agents.emit import send_emits
 from app.resolution import Emit, IdentityResolver, IdentityState
+from tables.context import PartitionEvent
 from tables.view import TableView
 
 if TYPE_CHECKING:
@@ -25,6 +26,8 @@ def register(rt: Runtime) -> None:
     s = rt.settings
     t = rt.tables
     m = rt.metrics
+
+    register_held_sweep(rt)
 
     @rt.app.agent(rt.topics.identity, name="identity")
     async def identity(stream):  # type: ignore[no-untyped-def]
@@ -60,3 +63,52 @@ def register(rt: Runtime) -> None:
             if st.overflow:
                 m.expired.labels("overflow").inc(st.overflow)
             await send_emits(rt, emits)
+
+
+def partition_for_key(key: bytes, partitions: int) -> int:
+    """The partition the producer's default partitioner (murmur2) gives ``key``."""
+    from aiokafka.partitioner import murmur2
+
+    return (murmur2(key) & 0x7FFFFFFF) % partitions
+
+
+def register_held_sweep(rt: Runtime) -> None:
+    """Expire held events of ids that are never seen again (dead-lettered, counted)."""
+    s = rt.settings
+    expiry = s.identity.hold_expiry
+    interval = max(1.0, min(expiry / 10, 3600.0))
+    topic_name = rt.topics.identity.get_topic_name()
+    n = s.kafka.partitions
+    t = rt.tables
+    m = rt.metrics
+
+    @rt.app.timer(interval=interval)
+    async def sweep_held_events() -> None:
+        events: dict[str, Any] = {}
+        expired_ids: list[str] = []
+        for key in list(t.held_events.keys()):
+            kb = key if isinstance(key, bytes) else str(key).encode()
+            ident = kb.decode()
+            events[ident] = PartitionEvent(topic_name, partition_for_key(kb, n))
+            expired_ids.append(ident)
+        if not expired_ids:
+            return
+        state = IdentityState(
+            anonymous_ids=TableView(t.anonymous_ids, events),
+            user_ids=TableView(t.user_ids, events),
+            held=TableView(t.held_events, events),
+        )
+        resolver = IdentityResolver(
+            state,
+            hold_max_per_id=s.identity.hold_max_per_id,
+            hold_expiry_ms=int(expiry * 1000),
+            now_ms=_now_ms,
+        )
+        emits: list[Emit] = []
+        for ident in expired_ids:
+            emits.extend(resolver.expire(ident))
+        assert isinstance(state.held, TableView)
+        state.held.flush()
+        if resolver.stats.expired:
+            m.expired.labels("expired").inc(resolver.stats.expired)
+        await send_emits(rt, emits)

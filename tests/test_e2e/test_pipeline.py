@@ -195,3 +195,23 @@ async def test_2500_contacts_take_3_upsert_calls_and_unchanged_identify_none(
     later = upsert_calls(simulator)[3:]
     sent = [c["3"] for call in later for c in call.body["contacts"]]
     assert sent == ["marker@example.com"]
+
+
+async def test_held_event_of_an_id_never_linked_expires_to_the_dead_letter_topic(
+    deployment_factory: Any, simulator: Any
+) -> None:
+    dep = deployment_factory(simulator.url, **{"identity.hold_expiry": "2s"})
+    await dep.start_worker()
+    lonely = {"type": "track", "event": "Viewed", "anonymousId": "never-linked",
+              "messageId": "lonely-1", "timestamp": "2026-11-28T09:00:00.000Z"}
+    await dep.produce([lonely])
+    # No further event for this id: the periodic sweep must dead-letter it on its own.
+    dead = await dep.read_topic(dep.dlq_topic, expect=1, timeout=60)
+    assert len(dead) == 1
+    env = dead[0]
+    assert env["reason"] == "identity_unresolved_expired"
+    assert env["held_id"] == "never-linked"
+    assert orjson.loads(env["raw"])["messageId"] == "lonely-1"
+    assert env["source"]["topic"] == dep.ingest_topic
+    metrics = await worker_metrics(dep)
+    assert metrics['emarsys_stream_unidentified_expired_total{why="expired"}'] == 1.0
