@@ -44,7 +44,8 @@ class EventClock:
     """The worker's event-time clock (see module docstring).
 
     Like Flink's per-source watermarks: the highest event time is tracked per ingest
-    partition (events carry their ``source``), and the clock is the lowest of those
+    partition and path (events carry their ``source`` and ``path``), and the clock is
+    the lowest of those
     among partitions that delivered something within ``idle_timeout``. Partitions of
     an unkeyed Segment topic advance at different speeds; taking the minimum keeps
     one fast partition from making the others' events late. When every partition is
@@ -153,9 +154,15 @@ def register(rt: Runtime) -> None:
                 pk = ev.key.decode() if isinstance(ev.key, bytes) else str(ev.key)
                 by_pk[pk] = ev
                 msg = orjson.loads(ev.value)
-                if msg.get("kind") == "event":
+                if msg.get("kind") == "event" and msg.get("path") != "held":
+                    # One clock source per ingest partition AND path: events that took
+                    # the identity hop arrive later than direct ones from the same
+                    # partition, so the slowest path holds the watermark back. Released
+                    # held events are old by nature and must not move the clock.
                     src = msg.get("source") or {}
-                    clock.observe(int(msg["ts"]), (src.get("topic"), src.get("partition")))
+                    clock.observe(
+                        int(msg["ts"]), (src.get("topic"), src.get("partition"), msg.get("path"))
+                    )
                 items.append((pk, msg))
             view = TableView(table, by_pk)
             matches: list[tuple[str, RuleMatch]] = []

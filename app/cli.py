@@ -60,6 +60,14 @@ def _start_worker(settings: Settings, loglevel: str = "info") -> None:
         raise typer.Exit(2)
     Path(settings.data_dir).mkdir(parents=True, exist_ok=True)
     rt = build_runtime(settings)
+    from app.topics_admin import ensure_topics
+
+    # A private loop: asyncio.run() would unset the loop Faust's worker is about to use.
+    loop = asyncio.new_event_loop()
+    try:
+        loop.run_until_complete(ensure_topics(rt))
+    finally:
+        loop.close()
     worker = faust.Worker(rt.app, loglevel=loglevel, quiet=True)
     worker.execute_from_commandline()
 
@@ -209,6 +217,84 @@ def send(
     lines = [ln for ln in file.read_bytes().splitlines() if ln.strip()]
     n = asyncio.run(_send_lines(lines, servers, target or "segment.events"))
     typer.echo(f"sent {n} events to {target or 'segment.events'} on {servers}")
+
+
+@cli.command()
+def replay(
+    config: ConfigOpt,
+    to: Annotated[
+        str,
+        typer.Option("--to", help="earliest | latest | OFFSET | ISO-8601 time with zone"),
+    ],
+    partitions: Annotated[
+        str | None, typer.Option(help="comma-separated ingest partitions (default: all)")
+    ] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="show the plan only")] = False,
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="do not ask for confirmation")] = False,
+) -> None:
+    """Re-read the ingest topic: move the workers' committed offsets (all workers stopped)."""
+    from app import replay as rp
+
+    logging.getLogger("aiokafka").setLevel(logging.WARNING)
+    settings = _load_or_exit(config)
+    try:
+        target = rp.parse_target(to)
+        chosen = rp.parse_partitions(partitions)
+    except ValueError as exc:
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(2) from None
+    group = settings.kafka.app_id
+    topic = settings.kafka.ingest_topic
+    try:
+        members = asyncio.run(rp.describe_group(settings))
+        rows = asyncio.run(rp.build_plan(settings, target, chosen))
+    except rp.ReplayError as exc:
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(1) from None
+    typer.echo(rp.format_plan(rows, topic=topic, group=group, target=target))
+    if members.active:
+        refusal = rp.format_members(members, settings.worker.session_timeout)
+        if dry_run:
+            typer.echo(f"dry run: nothing changed.\n{refusal.replace('refused: ', '', 1)}")
+            return
+        typer.echo(refusal, err=True)
+        raise typer.Exit(1)
+    if dry_run:
+        typer.echo("dry run: nothing changed.")
+        return
+    if not any(r.changes for r in rows):
+        typer.echo("nothing to change: the group is already there.")
+        return
+    rereads = sum(r.rereads for r in rows)
+    skipped = sum(r.skipped for r in rows)
+    question = (
+        f"Commit these offsets for group {group!r} ({rereads} events re-read, "
+        f"{skipped} skipped)?"
+    )
+    if not yes and not typer.confirm(question, default=False):
+        typer.echo("nothing changed.")
+        raise typer.Exit(1)
+    try:
+        # Checked again: the question may have waited a long time.
+        members = asyncio.run(rp.describe_group(settings))
+        if members.active:
+            typer.echo(rp.format_members(members, settings.worker.session_timeout), err=True)
+            raise typer.Exit(1)
+        committed = asyncio.run(rp.commit_plan(settings, rows))
+    except rp.ReplayError as exc:
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(1) from None
+    wrong = {r.partition: committed.get(r.partition) for r in rows
+             if committed.get(r.partition) != r.target}
+    for r in rows:
+        typer.echo(f"partition {r.partition}: committed offset {committed.get(r.partition)}")
+    if wrong:
+        typer.echo(f"the committed offsets read back differ from the plan: {wrong}", err=True)
+        raise typer.Exit(1)
+    typer.echo(
+        f"done: group {group!r} will re-read {rereads} events of {topic!r} when the workers "
+        "start."
+    )
 
 
 async def _send_lines(lines: list[bytes], servers: str, topic: str) -> int:

@@ -72,6 +72,7 @@ def route_ingested(
     if primary_key is not None:
         payload = _event_payload("event", event, ts, source)
         payload["primary_key"] = primary_key
+        payload["path"] = "direct"
         for id_type, ident in (("user", user_id), ("anonymous", anonymous_id)):
             if ident is None:
                 continue
@@ -223,6 +224,8 @@ class IdentityResolver:
         payload = {k: v for k, v in msg.items() if k not in ("stage", "held_at")}
         payload["kind"] = "event"
         payload["primary_key"] = pk
+        # Which way it came (the rules agent keeps one event clock per path, see there).
+        payload["path"] = "held" if "held_at" in msg else f"identity:{msg.get('stage', '')}"
         out: list[Emit] = []
         if msg.get("kind") == "alias":
             event = msg["event"]

@@ -140,6 +140,7 @@ def test_route_with_primary_key_goes_to_contact_events_and_links_both_ids() -> N
         "ts": 5_000,
         "source": SRC,
         "primary_key": PK,
+        "path": "direct",
     }
 
 
