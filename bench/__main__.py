@@ -8,10 +8,14 @@ from pathlib import Path
 
 import yaml
 
+from bench.generate import RULE_CATEGORIES, RULE_TEMPLATES
 from bench.pipeline import RESULTS_DIR, BenchError, PipelineOptions, run_pipeline
 
 QUICK_EVENTS, QUICK_CONTACTS = 20_000, 2_000
 DEFAULT_EVENTS, DEFAULT_CONTACTS = 200_000, 50_000
+#: --compare-rules without --rules
+COMPARE_RULES = 20
+MAX_RULES = len(RULE_TEMPLATES) * len(RULE_CATEGORIES)
 
 
 def _override(text: str) -> tuple[str, object]:
@@ -72,6 +76,30 @@ def build_parser() -> argparse.ArgumentParser:
         "(repeatable; the value is YAML)",
     )
     p.add_argument(
+        "--rules",
+        type=int,
+        default=0,
+        metavar="N",
+        help=f"rules profile: shop events and N rules (0..{MAX_RULES}; 3-4 steps each, "
+        "absences, where, eq_step) in the worker config with rule_engine "
+        "{allowed_lateness: 5m, idle_timeout: 5s}; reports rule matches, triggers and rule "
+        "state bytes per contact (0: no rules, the plain events)",
+    )
+    p.add_argument(
+        "--compare-rules",
+        action="store_true",
+        help="run the same input twice, one worker after the other (own app id and topic "
+        f"prefix each): without rules, then with --rules N (N={COMPARE_RULES} if not given)",
+    )
+    p.add_argument(
+        "--rules-settle",
+        type=float,
+        default=5.0,
+        metavar="SECONDS",
+        help="with rules: keep the worker running this long after the measurement before "
+        "counting matches and triggers (5)",
+    )
+    p.add_argument(
         "--timeout",
         type=float,
         default=1800.0,
@@ -115,6 +143,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     events = args.events or (QUICK_EVENTS if args.quick else DEFAULT_EVENTS)
     contacts = args.contacts or (QUICK_CONTACTS if args.quick else DEFAULT_CONTACTS)
+    rules = args.rules or (COMPARE_RULES if args.compare_rules else 0)
+    if not 0 <= rules <= MAX_RULES:
+        print(f"bench: --rules must be 0..{MAX_RULES}", file=sys.stderr)
+        return 2
     opts = PipelineOptions(
         events=events,
         contacts=contacts,
@@ -132,6 +164,9 @@ def main(argv: list[str] | None = None) -> int:
         profile=args.profile,
         quick=args.quick,
         results_dir=args.results_dir,
+        rules=rules,
+        compare_rules=args.compare_rules,
+        rules_settle=args.rules_settle,
     )
     try:
         return run_pipeline(opts)

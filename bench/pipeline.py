@@ -14,6 +14,14 @@ One run (see bench/README.md):
    until every agent topic is drained (committed offsets = end offsets);
 5. print a table and write the figures to ``bench/results/<timestamp>.json``.
 
+``rules=N`` (``--rules N``): the events use the shop vocabulary (``generate_events(...,
+shop=True)``) and the worker gets ``N`` rules (:func:`bench.generate.build_rules`); after the
+measurement the run counts the records on ``<prefix>.rule-matches``, the distinct trigger ids
+the simulator received and the size of every contact's rule state (the latest value per key
+of ``<app_id>-rule_state-changelog``). ``compare_rules``: two workers one after the other on
+the same ingest topic, without and with the rules, each with its own app id (consumer group,
+changelogs) and topic prefix; the simulator is reset in between.
+
 Every process this module starts runs in its own session and is stopped (SIGTERM, then
 SIGKILL) on exit, on errors and on Ctrl-C.
 """
@@ -43,7 +51,7 @@ import orjson
 import yaml
 
 from app.broker import EmbeddedBroker, free_port, wait_for_port
-from bench.generate import GeneratedEvents, generate_events
+from bench.generate import GeneratedEvents, build_rules, generate_events, rule_time_unit
 
 __all__ = ["BenchError", "PipelineOptions", "run_pipeline"]
 
@@ -56,6 +64,11 @@ TOPIC_PREFIX = "bench"
 INGEST_TOPIC = "bench.events"
 #: Topics the agents consume (besides the ingest topic), as ``settings.topic(name)`` names.
 AGENT_TOPICS = ("identity", "contact-events", "emarsys-operations")
+#: With rules: a topic is drained when its committed offsets reach the end it had this many
+#: seconds earlier (> worker.commit_interval, 2.8 s). The rules agent's timers keep adding to
+#: contact-events (and triggers to emarsys-operations) after the backlog, as the idle event
+#: clock follows wall time, so those topics are rarely at their very end when polled.
+RULES_DRAIN_LAG = 4.0
 
 
 class BenchError(RuntimeError):
@@ -85,6 +98,17 @@ class PipelineOptions:
     """Record the worker with py-spy (if installed) into this SVG file."""
     quick: bool = False
     results_dir: Path = RESULTS_DIR
+    rules: int = 0
+    """Rules in the worker config (``bench.generate.build_rules``); > 0: shop events."""
+    compare_rules: bool = False
+    """Run the same input twice: without rules, then with ``rules`` rules."""
+    rule_engine: dict[str, Any] = field(
+        default_factory=lambda: {"allowed_lateness": "5m", "idle_timeout": "5s"}
+    )
+    """The worker's ``rule_engine`` section when it has rules."""
+    rules_settle: float = 5.0
+    """Seconds the worker keeps running after the measurement before the rule figures are
+    read (trailing absences keep firing as the idle event clock follows wall time)."""
 
 
 # ------------------------------------------------------------------------------ processes
@@ -298,17 +322,25 @@ def _set_dotted(cfg: dict[str, Any], dotted: str, value: Any) -> None:
 
 
 def worker_config(
-    opts: PipelineOptions, bootstrap: str, api_url: str, web_port: int, data_dir: Path
+    opts: PipelineOptions,
+    bootstrap: str,
+    api_url: str,
+    web_port: int,
+    data_dir: Path,
+    *,
+    app_id: str = APP_ID,
+    topic_prefix: str = TOPIC_PREFIX,
+    rules: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
-    """The worker's YAML config (as data) for this run."""
+    """The worker's YAML config (as data) for this run (``rules``: plus ``opts.rule_engine``)."""
     cfg: dict[str, Any] = {
         "kafka": {
             "bootstrap_servers": bootstrap,
             "ingest_topic": INGEST_TOPIC,
             "dead_letter_topic": f"{INGEST_TOPIC}.dlq",
             "partitions": opts.partitions,
-            "topic_prefix": TOPIC_PREFIX,
-            "app_id": APP_ID,
+            "topic_prefix": topic_prefix,
+            "app_id": app_id,
         },
         "emarsys": {
             "api_url": api_url,
@@ -337,6 +369,9 @@ def worker_config(
         "store": opts.store,
         "data_dir": str(data_dir),
     }
+    if rules:
+        cfg["rules"] = rules
+        cfg["rule_engine"] = dict(opts.rule_engine)
     for dotted, value in opts.overrides.items():
         _set_dotted(cfg, dotted, value)
     return cfg
@@ -476,6 +511,63 @@ async def high_watermarks(bootstrap: str, positions: dict[Any, int]) -> dict[Any
                 if hw is not None:
                     found[tp] = hw
         return found
+    finally:
+        await consumer.stop()
+
+
+async def read_topic(
+    bootstrap: str, topic: str, quiet: float = 2.0, limit: float = 300.0
+) -> list[tuple[bytes | None, bytes | None]]:
+    """The records (key, value) of ``topic`` from the beginning, in partition order.
+
+    A partition is read up to the high watermark its first Fetch response reports (a
+    snapshot: the worker may still be writing), or until no record of it arrived for
+    ``quiet`` seconds; at most ``limit`` seconds in all. (``end_offsets()`` is not used:
+    the embedded broker answers it with an offset below the real end, see
+    :func:`produce`.) Empty if the topic does not exist.
+    """
+    from aiokafka import AIOKafkaConsumer, TopicPartition
+
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap,
+        group_id=None,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        max_partition_fetch_bytes=4 * 1024 * 1024,
+        fetch_max_bytes=64 * 1024 * 1024,
+    )
+    await consumer.start()
+    try:
+        cluster = await consumer._client.fetch_all_metadata()
+        parts = sorted(cluster.partitions_for_topic(topic) or ())
+        if not parts:
+            return []
+        tps = [TopicPartition(topic, p) for p in parts]
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        out: list[tuple[bytes | None, bytes | None]] = []
+        started = time.monotonic()
+        last = dict.fromkeys(tps, started)
+        position = dict.fromkeys(tps, 0)
+        target: dict[Any, int] = {}
+        pending = set(tps)
+        while pending and time.monotonic() - started < limit:
+            batch = await consumer.getmany(*pending, timeout_ms=250, max_records=10_000)
+            now = time.monotonic()
+            for tp, records in batch.items():
+                out.extend((rec.key, rec.value) for rec in records)
+                if records:
+                    last[tp] = now
+                    position[tp] = records[-1].offset + 1
+            for tp in list(pending):
+                if tp not in target:
+                    hw = consumer.highwater(tp)
+                    if hw is not None:
+                        target[tp] = hw
+                reached = tp in target and position[tp] >= target[tp]
+                if reached or now - last[tp] >= quiet:
+                    pending.discard(tp)
+        return out
     finally:
         await consumer.stop()
 
@@ -631,9 +723,28 @@ async def _run(opts: PipelineOptions, procs: _Processes, tmp: Path) -> dict[str,
         return await _run_with(opts, procs, tmp, session)
 
 
+@dataclass
+class _Variant:
+    """One worker run on the shared ingest topic."""
+
+    label: str
+    """"" for a single run; "without rules" / "with rules" with ``compare_rules``."""
+    app_id: str
+    topic_prefix: str
+    rules: list[dict[str, Any]]
+
+    @property
+    def slug(self) -> str:
+        """File-name prefix in the work dir."""
+        return "" if not self.label else self.label.replace(" ", "-") + "-"
+
+
 async def _run_with(
     opts: PipelineOptions, procs: _Processes, tmp: Path, session: aiohttp.ClientSession
 ) -> dict[str, Any]:
+    if opts.compare_rules and opts.rules < 1:
+        raise BenchError("--compare-rules needs --rules N with N >= 1")
+    shop = opts.rules > 0
     result: dict[str, Any] = {
         "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "options": {
@@ -647,6 +758,10 @@ async def _run_with(
             "batch_size": opts.batch_size,
             "overrides": opts.overrides,
             "quick": opts.quick,
+            "rules": opts.rules,
+            "compare_rules": opts.compare_rules,
+            "rule_engine": opts.rule_engine if shop else None,
+            "rules_settle": opts.rules_settle if shop else None,
         },
         "machine": _machine_facts(),
         "code": _code_version(),
@@ -677,9 +792,11 @@ async def _run_with(
 
     # 2. events ---------------------------------------------------------------------
     t0 = time.perf_counter()
-    gen: GeneratedEvents = generate_events(opts.events, opts.contacts, seed=opts.seed)
+    gen: GeneratedEvents = generate_events(opts.events, opts.contacts, seed=opts.seed, shop=shop)
     gen_seconds = time.perf_counter() - t0
     expected = len(gen.expected_emails)
+    unit_s = rule_time_unit(gen)
+    rules = build_rules(opts.rules, unit_s) if shop else []
     result["generated"] = {
         "events": len(gen.events),
         "by_type": dict(gen.counts),
@@ -690,11 +807,22 @@ async def _run_with(
         "expected_contacts": expected,
         "mean_event_bytes": round(gen.mean_bytes, 1),
         "seconds": round(gen_seconds, 2),
+        "shop": shop,
+        "event_time_span_s": round((gen.last_ts_ms - gen.first_ts_ms) / 1000, 1),
+        "rule_time_unit_s": unit_s,
     }
+    if shop:
+        result["rules_config"] = rules
     _log(
         f"generated {len(gen.events):,} events ({dict(gen.counts)}), mean "
         f"{gen.mean_bytes:.0f} B, {gen.contacts:,} people, {expected:,} with an email "
         f"({gen.anonymous_first:,} anonymous-first) in {gen_seconds:.1f}s"
+        + (
+            f"; shop events, {len(rules)} rules, time unit {unit_s}s of "
+            f"{result['generated']['event_time_span_s']:,.0f}s event time"
+            if shop
+            else ""
+        )
     )
 
     # 3. produce + baseline ---------------------------------------------------------
@@ -728,74 +856,202 @@ async def _run_with(
         f"(best of {len(runs)}: {', '.join(f'{s:.2f}s' for s in runs)})"
     )
 
-    # 4. worker(s) ------------------------------------------------------------------
+    # 4. worker run(s) --------------------------------------------------------------
+    if opts.compare_rules:
+        variants = [
+            _Variant("without rules", f"{APP_ID}-norules", f"{TOPIC_PREFIX}-norules", []),
+            _Variant("with rules", f"{APP_ID}-rules", f"{TOPIC_PREFIX}-rules", rules),
+        ]
+    else:
+        variants = [_Variant("", APP_ID, TOPIC_PREFIX, rules)]
+    done: list[dict[str, Any]] = []
+    for k, variant in enumerate(variants):
+        if k:
+            async with session.post(f"{sim_base}/_sim/reset") as resp:
+                resp.raise_for_status()
+            _log(f"simulator reset; next run: {variant.label}")
+        done.append(
+            await _worker_run(
+                opts,
+                procs,
+                tmp,
+                session,
+                variant,
+                bootstrap=bootstrap,
+                sim_base=sim_base,
+                n_events=n_events,
+                expected_emails=expected_emails,
+                expected_fields=expected_fields,
+                raw_rate=raw_rate,
+                profile=k == len(variants) - 1,
+            )
+        )
+
+    with contextlib.suppress(OSError):
+        result["machine"]["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
+    last = done[-1]
+    for key in ("worker", "pipeline", "emarsys", "rules"):
+        if key in last:
+            result[key] = last[key]
+    if opts.compare_rules:
+        result["runs"] = done
+        result["comparison"] = _comparison(done[0], done[1])
+    return result
+
+
+async def _worker_run(
+    opts: PipelineOptions,
+    procs: _Processes,
+    tmp: Path,
+    session: aiohttp.ClientSession,
+    variant: _Variant,
+    *,
+    bootstrap: str,
+    sim_base: str,
+    n_events: int,
+    expected_emails: set[str],
+    expected_fields: dict[str, dict[str, Any]],
+    raw_rate: float,
+    profile: bool,
+) -> dict[str, Any]:
+    """Start the worker(s) of one variant, measure, read the figures, stop the worker(s)."""
+    expected = len(expected_emails)
+    run: dict[str, Any] = {
+        "label": variant.label,
+        "app_id": variant.app_id,
+        "topic_prefix": variant.topic_prefix,
+        "rules_count": len(variant.rules),
+    }
     workers: list[_Worker] = []
     env = {**os.environ, SECRET_ENV: SIM_SECRET, "PYTHONUNBUFFERED": "1"}
     env.pop("KAFKA_BOOTSTRAP_SERVERS", None)
     for i in range(opts.workers):
         port = free_port()
-        cfg = worker_config(opts, bootstrap, f"{sim_base}/api/v2/", port, tmp / f"worker{i}")
-        path = tmp / f"worker{i}.yaml"
+        name = f"{variant.slug}worker{i}"
+        cfg = worker_config(
+            opts,
+            bootstrap,
+            f"{sim_base}/api/v2/",
+            port,
+            tmp / name,
+            app_id=variant.app_id,
+            topic_prefix=variant.topic_prefix,
+            rules=variant.rules,
+        )
+        path = tmp / f"{name}.yaml"
         path.write_text(yaml.safe_dump(cfg, sort_keys=False))
         proc = procs.spawn(
-            f"worker{i}",
+            name,
             [sys.executable, "-m", "app.cli", "worker", "--config", str(path)],
-            tmp / f"worker{i}.log",
+            tmp / f"{name}.log",
             env,
         )
         workers.append(_Worker(i, proc, port, path))
     spawned_at = time.monotonic()
-    _log(f"started {opts.workers} worker(s): pid {', '.join(str(w.proc.pid) for w in workers)}")
+    what = f" ({variant.label}, app id {variant.app_id})" if variant.label else ""
+    _log(
+        f"started {opts.workers} worker(s){what}: pid {', '.join(str(w.proc.pid) for w in workers)}"
+    )
 
     profiler: subprocess.Popen[bytes] | None = None
-    lag = GroupLag(bootstrap, APP_ID)
+    lag = GroupLag(bootstrap, variant.app_id)
     try:
-        await _wait_ready(session, workers)
-        await lag.start()  # after ready: nothing of ours touches the group during the join
-        ready_at = max(w.ready_at or 0.0 for w in workers)
-        _log(f"worker(s) ready {ready_at - spawned_at:.2f}s after start; measuring")
-        if opts.profile is not None:
-            exe = _py_spy()
-            if exe is None:
-                _log("--profile: py-spy is not installed (pip install py-spy); not profiling")
-            else:
-                opts.profile.parent.mkdir(parents=True, exist_ok=True)
-                profiler = subprocess.Popen(  # noqa: ASYNC220 - returns at once
-                    [
-                        exe,
-                        "record",
-                        "--pid",
-                        str(workers[0].proc.pid),
-                        "--rate",
-                        "50",
-                        "--nonblocking",
-                        "--format",
-                        _PROFILE_FORMATS.get(opts.profile.suffix.lower(), "flamegraph"),
-                        "--output",
-                        str(opts.profile),
-                    ],
-                    stdout=subprocess.DEVNULL,
-                    stderr=subprocess.DEVNULL,
-                    start_new_session=True,
-                )
-        timeline = await _measure(
-            opts, session, sim_base, lag, workers, ready_at, n_events, expected
+        try:
+            await _wait_ready(session, workers)
+            await lag.start()  # after ready: nothing of ours touches the group during the join
+            ready_at = max(w.ready_at or 0.0 for w in workers)
+            _log(f"worker(s) ready {ready_at - spawned_at:.2f}s after start; measuring")
+            if opts.profile is not None and profile:
+                profiler = _start_profiler(opts.profile, workers[0].proc.pid)
+            timeline = await _measure(
+                opts,
+                session,
+                sim_base,
+                lag,
+                workers,
+                ready_at,
+                n_events,
+                expected,
+                variant.topic_prefix,
+                drain_lag=RULES_DRAIN_LAG if variant.rules else 0.0,
+            )
+        finally:
+            if profiler is not None and profiler.poll() is None:
+                profiler.send_signal(signal.SIGINT)  # py-spy writes the file on SIGINT
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    profiler.wait(60)
+            await lag.stop()
+        run.update(
+            await _figures(
+                opts,
+                session,
+                sim_base,
+                workers,
+                timeline,
+                ready_at=ready_at,
+                spawned_at=spawned_at,
+                n_events=n_events,
+                expected_emails=expected_emails,
+                expected_fields=expected_fields,
+                raw_rate=raw_rate,
+            )
         )
+        if variant.rules:
+            run["rules"] = await _rule_figures(
+                opts, session, sim_base, bootstrap, variant, workers, timeline
+            )
     except _WorkerDied as died:
         w = died.worker
         _log(f"{died}; last lines of its log ({w.proc.log_path}):")
         print(w.proc.log_tail(80), flush=True)
         raise
-    finally:
-        if profiler is not None and profiler.poll() is None:
-            profiler.send_signal(signal.SIGINT)  # py-spy writes the file on SIGINT
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                profiler.wait(60)
-        await lag.stop()
+    for w in workers:
+        w.proc.stop()
+    return run
 
-    # 5. figures --------------------------------------------------------------------
-    with contextlib.suppress(OSError):
-        result["machine"]["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
+
+def _start_profiler(output: Path, pid: int) -> subprocess.Popen[bytes] | None:
+    exe = _py_spy()
+    if exe is None:
+        _log("--profile: py-spy is not installed (pip install py-spy); not profiling")
+        return None
+    output.parent.mkdir(parents=True, exist_ok=True)
+    return subprocess.Popen(
+        [
+            exe,
+            "record",
+            "--pid",
+            str(pid),
+            "--rate",
+            "50",
+            "--nonblocking",
+            "--format",
+            _PROFILE_FORMATS.get(output.suffix.lower(), "flamegraph"),
+            "--output",
+            str(output),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+
+
+async def _figures(
+    opts: PipelineOptions,
+    session: aiohttp.ClientSession,
+    sim_base: str,
+    workers: list[_Worker],
+    timeline: dict[str, Any],
+    *,
+    ready_at: float,
+    spawned_at: float,
+    n_events: int,
+    expected_emails: set[str],
+    expected_fields: dict[str, dict[str, Any]],
+    raw_rate: float,
+) -> dict[str, Any]:
+    """The worker / pipeline / emarsys figures of one run, right after the measurement."""
+    expected = len(expected_emails)
     for w in workers:
         w.peak_rss_kb = max(w.peak_rss_kb, _proc_status(w.proc.pid).get("VmHWM", 0))
     cpu = [_cpu_seconds(w.proc.pid) for w in workers]
@@ -805,15 +1061,7 @@ async def _run_with(
     sent_contacts = sum(len((c.get("body") or {}).get("contacts") or []) for c in ok_upserts)
     stats = await _get_json(session, f"{sim_base}/_sim/stats")
     contacts = await _get_json(session, f"{sim_base}/_sim/contacts", timeout=120)
-    metrics: dict[str, float] = {}  # summed over the workers
-    for w in workers:
-        with contextlib.suppress(aiohttp.ClientError, TimeoutError, OSError):
-            async with session.get(
-                f"http://127.0.0.1:{w.web_port}/metrics",
-                timeout=aiohttp.ClientTimeout(total=30),
-            ) as resp:
-                for key, value in _parse_metrics(await resp.text()).items():
-                    metrics[key] = metrics.get(key, 0.0) + value
+    metrics = await _worker_metrics(session, workers)
 
     got_emails: dict[str, dict[str, Any]] = {}
     for c in contacts:
@@ -836,13 +1084,20 @@ async def _run_with(
                 )
 
     secs = timeline["contacts_at"] - ready_at if timeline.get("contacts_at") else None
-    result["worker"] = {
+    out: dict[str, Any] = {}
+    out["worker"] = {
         "startup_seconds": round(ready_at - spawned_at, 2),
         "peak_rss_mb": [round(w.peak_rss_kb / 1024, 1) for w in workers],
         "cpu_seconds_total": [None if c is None else round(c, 1) for c in cpu],
         "cpu_seconds_after_ready": [
             None if c is None or w.cpu_at_ready is None else round(c - w.cpu_at_ready, 1)
             for c, w in zip(cpu, workers, strict=True)
+        ],
+        "cpu_seconds_ready_to_all_contacts": [
+            None if c is None or w.cpu_at_ready is None else round(c - w.cpu_at_ready, 1)
+            for c, w in zip(
+                timeline.get("cpu_at_contacts") or [None] * len(workers), workers, strict=True
+            )
         ],
         "metrics": {
             k: v
@@ -855,7 +1110,7 @@ async def _run_with(
         at = timeline.get(key)
         return None if at is None else round(at - ready_at, 3)
 
-    result["pipeline"] = {
+    out["pipeline"] = {
         "seconds_to_all_contacts": None if secs is None else round(secs, 3),
         "events_per_s": None if not secs else round(n_events / secs),
         "events_per_s_from_spawn": None
@@ -870,7 +1125,7 @@ async def _run_with(
         "agent_topic_offsets": timeline.get("offsets", {}),
     }
     min_calls = math.ceil(expected / opts.batch_size) if expected else 0
-    result["emarsys"] = {
+    out["emarsys"] = {
         "expected_contacts": expected,
         "contacts_in_simulator": len(contacts),
         "missing_contacts": len(missing),
@@ -885,7 +1140,155 @@ async def _run_with(
         "api_calls_total": len(calls),
         "simulator_counters": stats.get("counters", {}),
     }
-    return result
+    return out
+
+
+async def _worker_metrics(
+    session: aiohttp.ClientSession, workers: list[_Worker]
+) -> dict[str, float]:
+    """``/metrics`` of every worker, summed."""
+    metrics: dict[str, float] = {}
+    for w in workers:
+        with contextlib.suppress(aiohttp.ClientError, TimeoutError, OSError):
+            async with session.get(
+                f"http://127.0.0.1:{w.web_port}/metrics",
+                timeout=aiohttp.ClientTimeout(total=30),
+            ) as resp:
+                for key, value in _parse_metrics(await resp.text()).items():
+                    metrics[key] = metrics.get(key, 0.0) + value
+    return metrics
+
+
+def _size_stats(sizes: list[int]) -> dict[str, Any]:
+    """count / total / mean / p50 / p99 / max of byte sizes (nearest-rank percentiles)."""
+    if not sizes:
+        return {"count": 0, "total": 0, "mean": None, "p50": None, "p99": None, "max": None}
+    ordered = sorted(sizes)
+
+    def pct(q: float) -> int:
+        return ordered[max(1, math.ceil(len(ordered) * q / 100)) - 1]
+
+    return {
+        "count": len(ordered),
+        "total": sum(ordered),
+        "mean": round(sum(ordered) / len(ordered), 1),
+        "p50": pct(50),
+        "p99": pct(99),
+        "max": ordered[-1],
+    }
+
+
+async def _rule_figures(
+    opts: PipelineOptions,
+    session: aiohttp.ClientSession,
+    sim_base: str,
+    bootstrap: str,
+    variant: _Variant,
+    workers: list[_Worker],
+    timeline: dict[str, Any],
+) -> dict[str, Any]:
+    """Rule matches (topic), triggers (simulator), rule state size (changelog)."""
+    if opts.rules_settle > 0:
+        _log(f"rules: worker keeps running {opts.rules_settle:.0f}s before counting")
+        deadline = time.monotonic() + opts.rules_settle
+        while time.monotonic() < deadline:
+            for w in workers:
+                if not w.proc.alive():
+                    raise _WorkerDied(w)
+            await asyncio.sleep(0.2)
+    read_at = time.monotonic()
+    matches_topic = f"{variant.topic_prefix}.rule-matches"
+    records = await read_topic(bootstrap, matches_topic)
+    matches = [orjson.loads(value) for _key, value in records if value is not None]
+    match_ids = {m.get("trigger_id") for m in matches if m.get("trigger_id")}
+    by_rule: dict[str, int] = {}
+    for m in matches:
+        by_rule[str(m.get("rule"))] = by_rule.get(str(m.get("rule")), 0) + 1
+
+    # Triggers trail their match by the output agent's flush: wait for the ones read above.
+    wait_until = time.monotonic() + max(15.0, 5 * opts.flush_interval)
+    while True:
+        triggers = await _get_json(session, f"{sim_base}/_sim/triggers", timeout=60)
+        sim_ids = {t["trigger_id"] for t in triggers if t.get("trigger_id")}
+        if match_ids <= sim_ids or time.monotonic() > wait_until:
+            break
+        await asyncio.sleep(0.5)
+    trigger_calls = await _get_json(session, f"{sim_base}/_sim/calls?method=POST&path=/event/")
+    trigger_calls = [c for c in trigger_calls if "/trigger" in c["path"]]
+
+    changelog_topic = f"{variant.app_id}-rule_state-changelog"
+    changelog = await read_topic(bootstrap, changelog_topic)
+    latest: dict[bytes | None, int] = {}
+    for key, value in changelog:
+        if value is None:
+            latest.pop(key, None)  # tombstone
+        else:
+            latest[key] = len(value)
+    metrics = await _worker_metrics(session, workers)
+    engine_stats = {
+        k.split('what="', 1)[1].rstrip('"}'): int(v)
+        for k, v in metrics.items()
+        if k.startswith("emarsys_stream_rule_engine_total{") and 'what="' in k
+    }
+    stats_at_contacts = timeline.get("triggers_at_contacts")
+    out = {
+        "rules": len(variant.rules),
+        # as the worker got it (``--set rule_engine.*`` included)
+        "rule_engine": yaml.safe_load(workers[0].config_path.read_text()).get("rule_engine"),
+        "settle_seconds": opts.rules_settle,
+        "read_seconds_after_ready": round(read_at - timeline["ready_at"], 1),
+        "matches": len(matches),
+        "matches_distinct_trigger_ids": len(match_ids),
+        "matches_by_rule": dict(sorted(by_rule.items())),
+        "triggers_in_simulator": len(sim_ids),
+        "trigger_deliveries": sum(int(t.get("deliveries") or 1) for t in triggers),
+        "triggers_of_read_matches_missing": len(match_ids - sim_ids),
+        "triggers_not_in_read_matches": len(sim_ids - match_ids),
+        "triggers_when_all_contacts_arrived": stats_at_contacts,
+        "trigger_calls": len(trigger_calls),
+        "trigger_calls_ok": sum(1 for c in trigger_calls if c["status"] == 200),
+        "state_changelog_records": len(changelog),
+        "state_bytes_per_contact": _size_stats(list(latest.values())),
+        "engine_stats": engine_stats,
+        "late_events": int(metrics.get("emarsys_stream_late_events_total", 0)),
+    }
+    s = out["state_bytes_per_contact"]
+    _log(
+        f"rules: {len(matches):,} matches on {matches_topic}, {len(sim_ids):,} distinct "
+        f"triggers in the simulator, state of {s['count']:,} contacts "
+        f"(mean {s['mean'] or 0:,.0f} B, p99 {s['p99'] or 0:,} B, max {s['max'] or 0:,} B) "
+        f"from {len(changelog):,} changelog records"
+    )
+    return out
+
+
+def _comparison(without: dict[str, Any], with_rules: dict[str, Any]) -> dict[str, Any]:
+    """The headline figures of the two runs side by side (with / without)."""
+
+    def ratio(a: Any, b: Any) -> float | None:
+        return None if not a or not b else round(b / a, 4)
+
+    a, b = without["pipeline"], with_rules["pipeline"]
+    cpu_a = sum(x or 0 for x in without["worker"]["cpu_seconds_after_ready"])
+    cpu_b = sum(x or 0 for x in with_rules["worker"]["cpu_seconds_after_ready"])
+    return {
+        "events_per_s": [a["events_per_s"], b["events_per_s"]],
+        "events_per_s_ratio_with_to_without": ratio(a["events_per_s"], b["events_per_s"]),
+        "seconds_to_all_contacts": [a["seconds_to_all_contacts"], b["seconds_to_all_contacts"]],
+        "seconds_to_all_topics_drained": [
+            a["seconds_to_all_topics_drained"],
+            b["seconds_to_all_topics_drained"],
+        ],
+        "worker_cpu_seconds_after_ready": [round(cpu_a, 1), round(cpu_b, 1)],
+        "worker_cpu_seconds_ready_to_all_contacts": [
+            round(sum(x or 0 for x in r["worker"]["cpu_seconds_ready_to_all_contacts"]), 1)
+            for r in (without, with_rules)
+        ],
+        "worker_peak_rss_mb": [
+            max(without["worker"]["peak_rss_mb"]),
+            max(with_rules["worker"]["peak_rss_mb"]),
+        ],
+    }
 
 
 async def _measure(
@@ -897,17 +1300,24 @@ async def _measure(
     ready_at: float,
     n_events: int,
     expected: int,
+    topic_prefix: str = TOPIC_PREFIX,
+    drain_lag: float = 0.0,
 ) -> dict[str, Any]:
-    """Poll until the simulator has every contact and every agent topic is drained."""
-    timeline: dict[str, Any] = {"progress": []}
-    topics = [INGEST_TOPIC, *(f"{TOPIC_PREFIX}.{name}" for name in AGENT_TOPICS)]
-    users_topic = f"{TOPIC_PREFIX}.contact-events"
+    """Poll until the simulator has every contact and every agent topic is drained.
+
+    ``drain_lag`` > 0 (runs with rules): "drained" / "caught up" compare the committed
+    offsets with the ends read at least that many seconds earlier (see RULES_DRAIN_LAG).
+    """
+    timeline: dict[str, Any] = {"progress": [], "ready_at": ready_at}
+    topics = [INGEST_TOPIC, *(f"{topic_prefix}.{name}" for name in AGENT_TOPICS)]
+    users_topic = f"{topic_prefix}.contact-events"
     last_change = time.monotonic()
     last_snapshot: tuple[Any, ...] = ()
     next_lag = 0.0
     next_print = time.monotonic() + 5.0
     committed: dict[str, dict[int, int]] = {}
     ends: dict[str, dict[int, int]] = {}
+    ends_history: list[tuple[float, dict[str, dict[int, int]]]] = []
     drain_grace = 120.0
 
     def total(d: dict[int, int] | None) -> int:
@@ -925,10 +1335,13 @@ async def _measure(
         now = time.monotonic()
         sim_contacts = int(stats.get("contacts", 0))
         sim_calls = int((stats.get("counters") or {}).get("api_calls", 0))
+        sim_triggers = int(stats.get("triggers", 0))
         if sim_calls and "first_upsert_at" not in timeline:
             timeline["first_upsert_at"] = now
         if sim_contacts >= expected and "contacts_at" not in timeline:
             timeline["contacts_at"] = now
+            timeline["triggers_at_contacts"] = sim_triggers
+            timeline["cpu_at_contacts"] = [_cpu_seconds(w.proc.pid) for w in workers]
             _log(
                 f"simulator has all {expected:,} contacts after {now - ready_at:.2f}s "
                 f"({n_events / (now - ready_at):,.0f} events/s)"
@@ -944,6 +1357,11 @@ async def _measure(
                 # Ends are read after the committed offsets: equality means "caught up".
                 ends = await lag.ends({t: c for t, c in committed.items() if t != INGEST_TOPIC})
             now = time.monotonic()
+            target = ends
+            if drain_lag > 0:
+                ends_history.append((now, ends))
+                older = [e for at, e in ends_history if now - at >= drain_lag]
+                target = older[-1] if older else {}
             if ingest_done and "ingest_at" not in timeline:
                 timeline["ingest_at"] = now
                 _log(f"ingest topic fully committed after {now - ready_at:.2f}s")
@@ -951,26 +1369,29 @@ async def _measure(
             if (
                 ingest_done
                 and "users_at" not in timeline
-                and _caught_up(committed.get(users_topic), ends.get(users_topic))
+                and _caught_up(committed.get(users_topic), target.get(users_topic))
             ):
                 timeline["users_at"] = now
+                how = f"end {drain_lag:.0f}s earlier" if drain_lag else "end"
                 _log(
-                    f"users agent caught up (contact-events committed = end) after "
+                    f"users agent caught up (contact-events committed = {how}) after "
                     f"{now - ready_at:.2f}s"
                 )
             agent_topics = topics[1:]
             if (
                 ingest_done
                 and "drained_at" not in timeline
-                and all(_caught_up(committed.get(t), ends.get(t)) for t in agent_topics)
+                and all(_caught_up(committed.get(t), target.get(t)) for t in agent_topics)
             ):
                 timeline["drained_at"] = now
-                _log(f"every agent topic drained (committed = end) after {now - ready_at:.2f}s")
+                how = f"end {drain_lag:.0f}s earlier" if drain_lag else "end"
+                _log(f"every agent topic drained (committed = {how}) after {now - ready_at:.2f}s")
             timeline["progress"].append(
                 {
                     "t": round(now - ready_at, 2),
                     "sim_contacts": sim_contacts,
                     "sim_calls": sim_calls,
+                    "sim_triggers": sim_triggers,
                     "committed": {t: total(c) for t, c in committed.items()},
                     "ends": {t: total(e) for t, e in ends.items()},
                     "rss_mb": [
@@ -987,7 +1408,7 @@ async def _measure(
             next_print = now + 5.0
             parts = []
             for topic in topics:
-                short = topic.removeprefix(f"{TOPIC_PREFIX}.")
+                short = topic.removeprefix(f"{topic_prefix}.")
                 c = committed.get(topic)
                 e = (
                     n_events
@@ -1000,7 +1421,9 @@ async def _measure(
                 parts.append(f"{short} {text}")
             _log(
                 f"t={now - ready_at:6.1f}s  sim contacts {sim_contacts:,}/{expected:,}, "
-                f"API calls {sim_calls}; committed: {'; '.join(parts)}"
+                f"API calls {sim_calls}"
+                + (f", triggers {sim_triggers:,}" if sim_triggers else "")
+                + f"; committed: {'; '.join(parts)}"
             )
         if "contacts_at" in timeline and "drained_at" in timeline:
             break
@@ -1061,6 +1484,7 @@ def format_table(result: dict[str, Any]) -> str:
         ("  anonymous-first", num(g["anonymous_first"])),
         ("  anonymous-only visitors", num(g["anonymous_only_visitors"])),
         ("partitions / workers / store", f"{o['partitions']} / {o['workers']} / {o['store']}"),
+        *_rule_rows(result),
         ("", ""),
         ("produce (aiokafka), events/s", num(result["produce"]["events_per_s"])),
         ("raw consume + orjson.loads, events/s", num(b["events_per_s"])),
@@ -1090,6 +1514,10 @@ def format_table(result: dict[str, Any]) -> str:
         ("contacts sent / per call", f"{num(e['contacts_sent'])} / {e['contacts_per_call']}"),
         ("worker peak RSS (VmHWM)", ", ".join(f"{x:,.0f} MB" for x in w["peak_rss_mb"])),
         ("worker CPU s (after ready)", ", ".join(num(x) for x in w["cpu_seconds_after_ready"])),
+        (
+            "  of which ready -> all contacts",
+            ", ".join(num(x) for x in w.get("cpu_seconds_ready_to_all_contacts") or []),
+        ),
         ("", ""),
         ("machine: nproc / python", f"{m['nproc']} / {m['implementation']} {m['python']}"),
         ("  cpu", str(m.get("cpu_model", "?"))),
@@ -1104,12 +1532,145 @@ def format_table(result: dict[str, Any]) -> str:
             f"(+{len(result.get('code', {}).get('uncommitted') or [])} uncommitted files)",
         ),
     ]
+    rows += _comparison_rows(result)
     width = max(len(k) for k, _ in rows) + 2
-    lines = ["", "emarsys-stream pipeline benchmark", "=" * (width + 30)]
+    title = "emarsys-stream pipeline benchmark"
+    if result.get("runs"):
+        title += " (figures of the run with rules; both runs side by side at the end)"
+    lines = ["", title, "=" * (width + 30)]
     for key, value in rows:
         lines.append(f"{key:<{width}}{value}" if key else "")
     lines.append("=" * (width + 30))
     return "\n".join(lines)
+
+
+def _num(value: Any, suffix: str = "") -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, float):
+        return f"{value:,.2f}{suffix}"
+    return f"{value:,}{suffix}"
+
+
+def _rule_rows(result: dict[str, Any]) -> list[tuple[str, str]]:
+    """The rules profile's rows (none without rules)."""
+    r = result.get("rules")
+    if not r:
+        return []
+    g = result["generated"]
+    s = r["state_bytes_per_contact"]
+    es = r.get("engine_stats") or {}
+    engine = ", ".join(f"{k} {v}" for k, v in r["rule_engine"].items())
+    return [
+        ("", ""),
+        (
+            "rules / time unit / rule_engine",
+            f"{r['rules']} / {g['rule_time_unit_s']} s of {g['event_time_span_s']:,.0f} s "
+            f"event time / {engine}",
+        ),
+        ("rule figures read (after ready)", _num(r["read_seconds_after_ready"], " s")),
+        (
+            "rule matches (rule-matches records)",
+            f"{_num(r['matches'])} ({_num(r['matches_distinct_trigger_ids'])} distinct "
+            f"trigger ids, {len(r['matches_by_rule'])} rules)",
+        ),
+        (
+            "triggers in simulator (distinct ids)",
+            f"{_num(r['triggers_in_simulator'])} (deliveries {_num(r['trigger_deliveries'])}; "
+            f"{_num(r['triggers_when_all_contacts_arrived'])} when all contacts were in)",
+        ),
+        (
+            "  trigger calls (ok) / matches w/o trigger",
+            f"{r['trigger_calls']} ({r['trigger_calls_ok']}) / "
+            f"{r['triggers_of_read_matches_missing']}",
+        ),
+        (
+            "rule state: contacts / changelog records",
+            f"{_num(s['count'])} / {_num(r['state_changelog_records'])}",
+        ),
+        (
+            "rule state B/contact: mean / p99 / max",
+            f"{_num(None if s['mean'] is None else round(s['mean']))} / {_num(s['p99'])} / "
+            f"{_num(s['max'])}",
+        ),
+        (
+            "rule engine: expired / dropped / suppressed / late",
+            " / ".join(
+                _num(es.get(k, 0))
+                for k in ("expired_partials", "dropped_partials", "suppressed", "late")
+            ),
+        ),
+    ]
+
+
+def _comparison_rows(result: dict[str, Any]) -> list[tuple[str, str]]:
+    """``compare_rules``: both runs side by side (none otherwise)."""
+    runs = result.get("runs")
+    if not runs or len(runs) != 2:
+        return []
+    a, b = runs
+    width = max(14, len(a["app_id"]), len(b["app_id"]))
+
+    def cols(x: str, y: str) -> str:
+        return f"{x:>{width}}   {y:>{width}}"
+
+    def pair(get: Any, suffix: str = "") -> str:
+        return cols(_num(get(a), suffix), _num(get(b), suffix))
+
+    def cpu(key: str) -> Any:
+        def get(run: dict[str, Any]) -> float | None:
+            values = run["worker"].get(key) or []
+            if not values or any(v is None for v in values):
+                return None
+            return round(sum(values), 1)
+
+        return get
+
+    def ratio(run: dict[str, Any]) -> str:
+        value = run["pipeline"]["ratio_to_baseline"]
+        return "n/a" if value is None else f"{value:.4f}"
+
+    def rules(run: dict[str, Any]) -> str:
+        r = run.get("rules")
+        return "n/a" if not r else f"{r['matches']:,} / {r['triggers_in_simulator']:,}"
+
+    def emarsys(run: dict[str, Any]) -> str:
+        e = run["emarsys"]
+        return f"{e['missing_contacts']} / {e['upsert_calls']}"
+
+    rate = result["comparison"].get("events_per_s_ratio_with_to_without")
+    return [
+        ("", ""),
+        ("same input, one run after the other", cols(a["label"], b["label"])),
+        ("  app id", cols(a["app_id"], b["app_id"])),
+        ("  worker start -> ready", pair(lambda r: r["worker"]["startup_seconds"], " s")),
+        (
+            "  ready -> all contacts in simulator",
+            pair(lambda r: r["pipeline"]["seconds_to_all_contacts"], " s"),
+        ),
+        ("  pipeline, events/s (end to end)", pair(lambda r: r["pipeline"]["events_per_s"])),
+        ("  ratio pipeline / raw", cols(ratio(a), ratio(b))),
+        (
+            "  ready -> ingest topic committed",
+            pair(lambda r: r["pipeline"]["seconds_to_ingest_committed"], " s"),
+        ),
+        (
+            "  ready -> every agent topic drained",
+            pair(lambda r: r["pipeline"]["seconds_to_all_topics_drained"], " s"),
+        ),
+        (
+            "  worker CPU s, ready -> all contacts",
+            pair(cpu("cpu_seconds_ready_to_all_contacts")),
+        ),
+        ("  worker CPU s, ready -> end", pair(cpu("cpu_seconds_after_ready"))),
+        ("  worker peak RSS MB", pair(lambda r: max(r["worker"]["peak_rss_mb"]))),
+        ("  contacts missing / upsert calls", cols(emarsys(a), emarsys(b))),
+        ("  rule matches / triggers", cols(rules(a), rules(b))),
+        (
+            "  events/s with rules / without",
+            "n/a" if rate is None else f"{rate:.3f} ({rate - 1:+.1%})",
+        ),
+    ]
 
 
 def write_result(result: dict[str, Any], directory: Path) -> Path:
@@ -1142,10 +1703,13 @@ def run_pipeline(opts: PipelineOptions) -> int:
         print(format_table(result), flush=True)
         path = write_result(result, opts.results_dir)
         print(f"results: {path}", flush=True)
-        e = result["emarsys"]
-        ok = e["missing_contacts"] == 0
-        if not ok:
-            _log(f"{e['missing_contacts']} expected contacts never reached the simulator")
+        ok = True
+        for run in result.get("runs") or [result]:
+            missing = run["emarsys"]["missing_contacts"]
+            if missing:
+                ok = False
+                what = f" ({run['label']})" if run.get("label") else ""
+                _log(f"{missing} expected contacts never reached the simulator{what}")
         return 0 if ok else 1
     except (KeyboardInterrupt, asyncio.CancelledError):
         _log("interrupted; processes stopped")
