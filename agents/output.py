@@ -3,9 +3,16 @@
 Offsets of an operation are committed only after Emarsys accepted it or it was
 dead-lettered: each event read is held (``message.incref()``, Faust's own
 reference count for messages shared by several streams) while its operation waits
-in :class:`~app.pending.PendingContacts`, and acked only after the call that carried
+in :class:`~app.pending.PendingOperations`, and acked only after the call that carried
 it finished. The client retries transient failures until they succeed, so a
 waiting operation blocks nothing but its own offset.
+
+A flush sends upserts first, then triggers, then contact-list calls (a list add needs
+the contact to exist). Lists named in the config (``contact_list_name``) are looked up
+with ``GET contactlist`` the first time they are needed and their id remembered for the
+life of the worker; with ``create_missing`` a list not found is created once
+(``POST contactlist``). Looking up first means a restarted worker finds the list it
+created before instead of creating a duplicate.
 """
 
 from __future__ import annotations
@@ -18,13 +25,17 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from agents.emit import send_json
+from app.audiences import LIST_OP, ListOperation
 from app.emarsys.batching import (
     ContactChange,
     ContactUpsertBatcher,
+    ListBatch,
+    ListMembershipBatcher,
+    ListMembershipChange,
     TriggerBatcher,
     TriggerRequest,
 )
-from app.emarsys.client import CallResult, EmarsysClient
+from app.emarsys.client import MAX_LIST_IDS_PER_CALL, CallResult, EmarsysClient
 from app.emarsys.factory import emarsys_client_from_settings
 from app.pending import PendingOperations
 
@@ -95,23 +106,30 @@ def register(rt: Runtime) -> None:
             },
         )
 
-    async def feedback(pk: str, fields: dict[str, Any], contact_missing: bool) -> None:
+    async def feedback(
+        pk: str,
+        fields: dict[str, Any],
+        contact_missing: bool,
+        audiences: dict[str, str] | None = None,
+    ) -> None:
         # Tell the users agent the values were not stored, so they are sent again later.
-        await send_json(
-            topics.contact_events,
-            pk,
-            {
-                "kind": "send_failed",
-                "primary_key": pk,
-                "fields": fields,
-                "contact_missing": contact_missing,
-            },
-        )
+        msg: dict[str, Any] = {
+            "kind": "send_failed",
+            "primary_key": pk,
+            "fields": fields,
+            "contact_missing": contact_missing,
+        }
+        if audiences:
+            msg["audiences"] = audiences  # audience -> the refused action ("add"/"delete")
+        await send_json(topics.contact_events, pk, msg)
 
     @rt.app.agent(topics.operations, name="output")
     async def output(stream):  # type: ignore[no-untyped-def]
         pending: PendingOperations[Any] = PendingOperations(
-            s.emarsys.batch_size, s.emarsys.flush_interval, time.monotonic
+            s.emarsys.batch_size,
+            s.emarsys.flush_interval,
+            time.monotonic,
+            list_batch_size=MAX_LIST_IDS_PER_CALL,
         )
         lock = asyncio.Lock()
         tick = max(0.01, min(0.1, s.emarsys.flush_interval / 4))
@@ -125,6 +143,8 @@ def register(rt: Runtime) -> None:
                         await upsert(client, key_id, changes)
                     if drained.triggers:
                         await trigger(client, drained.triggers)
+                    if drained.list_changes:
+                        await send_lists(client, drained.list_changes)
                     for ev in drained.tokens:
                         await stream.ack(ev)
 
@@ -171,6 +191,11 @@ def register(rt: Runtime) -> None:
                 )
                 ev.message.incref()
                 pending.add_trigger(request, ev)
+                return
+            if kind == LIST_OP:
+                operation = ListOperation.from_op(op)
+                ev.message.incref()
+                pending.add_list_change(operation, ev)
                 return
             raise ValueError(f"unknown operation {kind!r}")
         except (ValueError, KeyError, TypeError) as exc:
@@ -266,3 +291,151 @@ def register(rt: Runtime) -> None:
         for c in contacts:
             fields = {f: v for f, v in c.items() if f != key_id}
             await feedback(str(c.get(key_id)), fields, contact_missing=True)
+
+    # ------------------------------------------------------------------ contact lists
+
+    #: list name -> id, for the life of the worker (looked up once, created at most once).
+    list_ids: dict[str, int] = {}
+
+    def lists_by_name(result: CallResult) -> dict[str, int]:
+        out: dict[str, int] = {}
+        items = result.data if isinstance(result.data, list) else []
+        for item in items:
+            if not isinstance(item, dict) or not isinstance(item.get("name"), str):
+                continue
+            try:
+                list_id = int(item["id"])
+            except (KeyError, TypeError, ValueError):
+                continue
+            name = item["name"]
+            if name not in out or list_id < out[name]:  # duplicate names: the oldest list
+                out[name] = list_id
+        return out
+
+    async def resolve_lists(
+        client: EmarsysClient, changes: list[ListOperation]
+    ) -> dict[str, tuple[CallResult | None, str]]:
+        """Fill ``list_ids`` for every list named in ``changes``; names that stay unknown
+        -> (the call that failed or None, why)."""
+        wanted: dict[str, bool] = {}
+        key_ids: dict[str, str] = {}
+        for c in changes:
+            if c.list_id is None and c.list_name is not None and c.list_name not in list_ids:
+                wanted[c.list_name] = wanted.get(c.list_name, False) or c.create_missing
+                key_ids.setdefault(c.list_name, c.key_id)
+        if not wanted:
+            return {}
+        failed: dict[str, tuple[CallResult | None, str]] = {}
+        listed = await client.list_lists()
+        await record_result(listed, 0)
+        if not listed.ok:
+            why = f"GET contactlist failed: {listed.error}"
+            return {name: (listed, why) for name in wanted}
+        found = lists_by_name(listed)
+        for name, create in wanted.items():
+            if name in found:
+                list_ids[name] = found[name]
+                continue
+            if not create:
+                failed[name] = (None, f"no contact list named {name!r} (create_missing is off)")
+                continue
+            created = await client.create_list(name, key_ids[name])
+            await record_result(created, 0)
+            data = created.data if isinstance(created.data, dict) else {}
+            new_id = data.get("id")
+            if created.ok and isinstance(new_id, int) and not isinstance(new_id, bool):
+                log.info("created contact list %r (id %s)", name, new_id)
+                list_ids[name] = new_id
+                continue
+            # Another worker may have created it meanwhile: look once more.
+            again = await client.list_lists()
+            await record_result(again, 0)
+            if again.ok and name in lists_by_name(again):
+                list_ids[name] = lists_by_name(again)[name]
+            else:
+                failed[name] = (created, f"POST contactlist failed: {created.error}")
+        return failed
+
+    async def send_lists(client: EmarsysClient, changes: list[ListOperation]) -> None:
+        unresolved = await resolve_lists(client, changes)
+        by_slot: dict[tuple[int, str, str], ListOperation] = {}
+        resolved: list[ListMembershipChange] = []
+        refused: dict[tuple[str, str], list[ListOperation]] = {}
+        # Later event time last, so the batcher's "last change wins" is "later event wins"
+        # also when one list is named by id and by name.
+        for c in sorted(changes, key=lambda c: c.event_time_ms):
+            list_id = c.list_id if c.list_id is not None else list_ids.get(c.list_name or "")
+            if list_id is None:
+                refused.setdefault((c.list_name or "", c.action), []).append(c)
+                continue
+            by_slot[(list_id, c.key_id, c.primary_key)] = c
+            resolved.append(ListMembershipChange(list_id, c.key_id, c.primary_key, c.action))
+        for (name, action), ops in refused.items():
+            # A list that cannot be found (or created): a permanent error for these ids.
+            result, why = unresolved.get(name, (None, f"no contact list named {name!r}"))
+            await refuse_list_changes(action, {"list_name": name}, ops, result, {"list": why},
+                                      contact_missing=False)
+        for batch in ListMembershipBatcher(max_ids=MAX_LIST_IDS_PER_CALL).batches(resolved):
+            await send_list_batch(client, batch, by_slot)
+
+    async def send_list_batch(
+        client: EmarsysClient,
+        batch: ListBatch,
+        by_slot: dict[tuple[int, str, str], ListOperation],
+    ) -> None:
+        if batch.action == "add":
+            result = await client.add_to_list(batch.list_id, batch.key_id, batch.external_ids)
+        else:
+            result = await client.remove_from_list(
+                batch.list_id, batch.key_id, batch.external_ids
+            )
+        await record_result(result, len(batch.external_ids))
+        errors = result.contact_errors or {}
+        if result.ok and not errors:
+            return
+        ops = [by_slot[(batch.list_id, batch.key_id, x)] for x in batch.external_ids]
+        sent = set(batch.external_ids)
+        where: dict[str, Any] = {"list_id": batch.list_id}
+        if not result.ok and result.reply_code == 3004:
+            # The list is gone (deleted in Emarsys): look its name up again next time.
+            for name, list_id in list(list_ids.items()):
+                if list_id == batch.list_id:
+                    del list_ids[name]
+        if not result.ok or any(k not in sent for k in errors):
+            # Batch-wide refusal: every id of the call is dead-lettered.
+            await refuse_list_changes(batch.action, where, ops, result, errors or None,
+                                      contact_missing=False)
+            return
+        failed = [o for o in ops if o.primary_key in errors]
+        missing = [o for o in failed if "2008" in errors[o.primary_key]]
+        other = [o for o in failed if "2008" not in errors[o.primary_key]]
+        for group, contact_missing in ((missing, True), (other, False)):
+            if group:
+                await refuse_list_changes(
+                    batch.action, where, group, result,
+                    {o.primary_key: errors[o.primary_key] for o in group},
+                    contact_missing=contact_missing,
+                )
+
+    async def refuse_list_changes(
+        action: str,
+        where: dict[str, Any],
+        ops: list[ListOperation],
+        result: CallResult | None,
+        errors: dict[str, Any] | None,
+        *,
+        contact_missing: bool,
+    ) -> None:
+        """Dead-letter refused list changes (one envelope per call) and tell the users
+        agent, so the next signal for the audience tries again."""
+        key_id = ops[0].key_id
+        await dead_letter(
+            f"contactlist.{action}",
+            {**where, "key_id": key_id, "external_ids": [o.primary_key for o in ops],
+             "audiences": sorted({o.audience for o in ops})},
+            result,
+            [o.primary_key for o in ops],
+            errors,
+        )
+        for o in ops:
+            await feedback(o.primary_key, {}, contact_missing, {o.audience: o.action})

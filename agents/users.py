@@ -6,8 +6,10 @@ import time
 from typing import TYPE_CHECKING, Any
 
 import orjson
+from prometheus_client import Counter
 
 from agents.emit import send_json
+from app.audiences import AudienceMap
 from app.contacts import ContactUpdater
 from app.data_map import DataMap, FieldMapping
 from app.identity import UserRecord
@@ -42,6 +44,15 @@ def register(rt: Runtime) -> None:
         key_field_id=s.identity.primary_key.field_id,
         max_ids=s.identity.max_ids_per_user,
         dedupe_window_ms=int(s.dedupe.window * 1000),
+        audiences=AudienceMap.from_config(s.audiences),
+    )
+    # Engage audience signals by outcome (registered here, next to its only user).
+    audience_signals = Counter(
+        "emarsys_stream_audience_signals",
+        "Engage audience entries/exits: list_change (queued), no_change (repeat or exit of "
+        "a non-member), stale (older than the deciding signal), unmapped (no audiences entry)",
+        ["outcome"],
+        registry=m.registry,
     )
 
     @rt.app.agent(rt.topics.contact_events, name="users")
@@ -84,6 +95,15 @@ def register(rt: Runtime) -> None:
             if batch.unchanged:
                 m.unchanged.inc(batch.unchanged)
             ops = updater.finish(batch)
-            m.contact_changes.inc(len(ops))
+            lists = len(batch.list_operations)
+            m.contact_changes.inc(len(ops) - lists)
+            for outcome, n in (
+                ("list_change", batch.audience_changes),
+                ("no_change", batch.audience_noops),
+                ("stale", batch.audience_stale),
+                ("unmapped", batch.audience_unmapped),
+            ):
+                if n:
+                    audience_signals.labels(outcome).inc(n)
             for op in ops:
                 await send_json(rt.topics.operations, op["primary_key"], op)

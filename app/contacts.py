@@ -7,8 +7,16 @@ Per batch of messages keyed by primary key:
   queued for Emarsys (so an unchanged identify costs no API call);
 * merge everything one contact needs into one upsert operation per batch
   (later event time wins per field);
-* ``send_failed`` feedback from the output agent forgets refused values so that the
-  next event carrying them sends them again.
+* Engage audience signals (:mod:`app.audiences`) change the contact's audience
+  membership in the record; only a real change (entry of a non-member, exit of a member)
+  becomes a ``list_membership`` operation, and per batch only the net change per
+  (contact, audience) is kept. An audience's ``field_id`` goes into the contact's upsert
+  like a data-map field (changed-fields logic applies);
+* ``send_failed`` feedback from the output agent forgets refused values (and refused list
+  memberships) so that the next event carrying them sends them again.
+
+Operations come out upserts first, then list operations, so a new contact's upsert is
+ahead of its first list add on the (primary-key keyed) operations topic.
 """
 
 from __future__ import annotations
@@ -17,13 +25,17 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from app.audiences import AudienceMap, AudienceSignal, AudienceTarget, ListOperation
+from app.audiences import audience_signals as _audience_signals
 from app.data_map import DataMap
 from app.identity import (
     UserRecord,
     apply_event,
     changed_fields,
+    forget_failed_audience,
     forget_failed_fields,
     mark_fields_queued,
+    set_audience_membership,
 )
 
 __all__ = ["ContactBatch", "ContactUpdater", "upsert_operation"]
@@ -58,6 +70,16 @@ class ContactBatch:
     #: batch (also for values equal to what was last queued, so an older event processed
     #: after a newer one never overrides it).
     field_ts: dict[str, dict[str, int]] = field(default_factory=dict)
+    #: (primary key, audience) -> the ``list_membership`` operation of the net change.
+    list_operations: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
+    #: (primary key, audience) -> membership when this batch first touched it.
+    audience_start: dict[tuple[str, str], bool] = field(default_factory=dict)
+    #: Audience signals: changes queued, no-ops (repeat / exit of a non-member), stale
+    #: (older than the deciding signal), unmapped (no ``audiences`` entry).
+    audience_changes: int = 0
+    audience_noops: int = 0
+    audience_stale: int = 0
+    audience_unmapped: int = 0
 
 
 class ContactUpdater:
@@ -69,8 +91,10 @@ class ContactUpdater:
         max_ids: int,
         dedupe_window_ms: int,
         max_message_ids: int = 20,
+        audiences: AudienceMap | None = None,
     ) -> None:
         self.data_map = data_map
+        self.audiences = audiences if audiences else None
         self.key_field_id = key_field_id
         self.max_ids = max_ids
         self.dedupe_window_ms = dedupe_window_ms
@@ -150,10 +174,15 @@ class ContactUpdater:
             if prev_ts is None or ts >= prev_ts:
                 winning[fid] = value
                 field_ts[fid] = ts
+        lists_changed = False
+        if self.audiences is not None:
+            for signal in _audience_signals(event):
+                lists_changed |= self._audience(batch, pk, rec, signal, ts, winning, field_ts)
         changed = changed_fields(rec, winning)
         new_contact = not rec.created_in_emarsys
         if not changed and not new_contact:
-            batch.unchanged += 1
+            if not lists_changed:
+                batch.unchanged += 1
             return
         mark_fields_queued(rec, changed)
         rec.created_in_emarsys = True
@@ -166,6 +195,65 @@ class ContactUpdater:
         if isinstance(mid, str) and len(op["message_ids"]) < self.max_message_ids:
             op["message_ids"].append(mid)
 
+    def _audience(
+        self,
+        batch: ContactBatch,
+        pk: str,
+        rec: UserRecord,
+        signal: AudienceSignal,
+        ts: int,
+        winning: dict[str, Any],
+        field_ts: dict[str, int],
+    ) -> bool:
+        """Apply one audience signal; True if the batch's list operations changed."""
+        assert self.audiences is not None
+        target = self.audiences.target(signal.audience)
+        if target is None:
+            batch.audience_unmapped += 1
+            return False
+        key = target.audience
+        field_sent_before = target.field_id is not None and target.field_id in rec.fields_sent
+        slot = (pk, key)
+        start = batch.audience_start.get(slot)
+        outcome = set_audience_membership(rec, key, signal.member, ts)
+        if outcome is None:
+            batch.audience_stale += 1
+            return False
+        before, now = outcome
+        if start is None:
+            start = batch.audience_start[slot] = before is True
+        # The field follows membership; an exit writes it only if the contact was a member
+        # or the field was written before (an exit of a never-member costs nothing).
+        fid = target.field_id
+        if fid is not None and (now or before is True or field_sent_before):
+            prev_ts = field_ts.get(fid)
+            if prev_ts is None or ts >= prev_ts:
+                winning[fid] = target.field_values[now]
+                field_ts[fid] = ts
+        if not target.has_list:
+            return False
+        if now == start:
+            # Back where this batch started (or never moved): no call at all.
+            had = batch.list_operations.pop(slot, None) is not None
+            if not had:
+                batch.audience_noops += 1
+            return had
+        batch.list_operations[slot] = self._list_op(pk, target, now, ts)
+        batch.audience_changes += 1
+        return True
+
+    def _list_op(self, pk: str, target: AudienceTarget, member: bool, ts: int) -> dict[str, Any]:
+        return ListOperation(
+            primary_key=pk,
+            key_id=str(self.key_field_id),
+            list_id=target.list_id,
+            list_name=target.list_name,
+            create_missing=target.create_missing,
+            action="add" if member else "delete",
+            audience=target.audience,
+            event_time_ms=ts,
+        ).to_op()
+
     def _forget(
         self,
         batch: ContactBatch,
@@ -177,16 +265,22 @@ class ContactUpdater:
         if rec is None:
             return
         forget_failed_fields(rec, msg.get("fields") or {})
+        audiences = msg.get("audiences")
+        if isinstance(audiences, dict):
+            for audience, action in audiences.items():
+                forget_failed_audience(rec, str(audience), str(action))
         if msg.get("contact_missing"):
             rec.created_in_emarsys = False
         batch.users[pk] = rec
 
     @staticmethod
     def finish(batch: ContactBatch) -> list[dict[str, Any]]:
+        """Upserts first, then list operations (a list add needs the contact to exist)."""
         ops = []
         for op in batch.operations.values():
             op.pop("_field_ts", None)
             ops.append(op)
+        ops.extend(batch.list_operations.values())
         return ops
 
 

@@ -3,7 +3,10 @@
 A :class:`UserRecord` is the value stored per primary key (e.g. the normalised email):
 the Segment ``userId``/``anonymousId`` values seen for that person, first/last event time,
 event counts, and ``fields_sent`` (the last value queued to Emarsys per field id, so an
-unchanged field is not sent again).
+unchanged field is not sent again), and ``audiences`` (Engage audience membership as last
+queued to Emarsys, so a repeated entry or an exit of a non-member costs no call) with
+``audiences_at`` (event time of the signal that decided it, so an older signal processed
+later never overrides a newer one).
 
 The functions here *mutate and return* the record they are given (no copies in the hot
 path). ``to_dict()`` / ``from_dict()`` copy, so a stored dict never aliases a live record.
@@ -25,8 +28,10 @@ __all__ = [
     "UserRecord",
     "apply_event",
     "changed_fields",
+    "forget_failed_audience",
     "forget_failed_fields",
     "mark_fields_queued",
+    "set_audience_membership",
 ]
 
 #: Version of the ``to_dict()`` shape written by this code.
@@ -47,10 +52,17 @@ class UserRecord:
     counts_by_type: dict[str, int] = field(default_factory=dict)
     created_in_emarsys: bool = False
     version: int = SCHEMA_VERSION
+    #: Audience key -> member (True) or not (False), as last queued to Emarsys.
+    audiences: dict[str, bool] = field(default_factory=dict)
+    #: Audience key -> event time (epoch ms) of the signal that decided ``audiences``.
+    audiences_at: dict[str, int] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        """Stable JSON-ready shape (keys always present; lists and dicts copied)."""
-        return {
+        """Stable JSON-ready shape (lists and dicts copied). Every key is always present
+        except ``audiences`` and ``audiences_at``, which are written only once the contact
+        has an audience signal (most contacts never do; older records stay byte-identical).
+        """
+        out = {
             "primary_key": self.primary_key,
             "user_ids": list(self.user_ids),
             "anonymous_ids": list(self.anonymous_ids),
@@ -62,6 +74,10 @@ class UserRecord:
             "created_in_emarsys": self.created_in_emarsys,
             "version": self.version,
         }
+        if self.audiences or self.audiences_at:
+            out["audiences"] = dict(self.audiences)
+            out["audiences_at"] = dict(self.audiences_at)
+        return out
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> UserRecord:
@@ -77,6 +93,8 @@ class UserRecord:
         last = _as_int(data.get("last_seen_ms"), first)
         fields_sent = data.get("fields_sent")
         counts = data.get("counts_by_type")
+        audiences = data.get("audiences")
+        audiences_at = data.get("audiences_at")
         return cls(
             primary_key=pk,
             user_ids=_str_list(data.get("user_ids")),
@@ -96,6 +114,16 @@ class UserRecord:
             ),
             created_in_emarsys=bool(data.get("created_in_emarsys", False)),
             version=_as_int(data.get("version"), SCHEMA_VERSION),
+            audiences=(
+                {str(k): v for k, v in audiences.items() if isinstance(v, bool)}
+                if isinstance(audiences, Mapping)
+                else {}
+            ),
+            audiences_at=(
+                {str(k): _as_int(v, 0) for k, v in audiences_at.items()}
+                if isinstance(audiences_at, Mapping)
+                else {}
+            ),
         )
 
 
@@ -194,3 +222,37 @@ def forget_failed_fields(record: UserRecord, fields: Mapping[str, Any]) -> None:
     for key, value in fields.items():
         if _same(sent.get(key, _ABSENT), value):
             del sent[key]
+
+
+def set_audience_membership(
+    record: UserRecord, audience: str, member: bool, ts_ms: int
+) -> tuple[bool | None, bool] | None:
+    """Apply an audience entry (``member``) or exit at event time ``ts_ms``.
+
+    Returns ``None`` when the signal is older than the one that decided the current state
+    (ignored, nothing changes), else ``(before, now)``: the membership before (``None`` if
+    never known) and after. A list call is needed only when ``bool(before) != now``: a
+    repeated entry and the exit of a contact that is not a member change nothing in Emarsys.
+    Equal event times: the signal processed later wins.
+    """
+    decided_at = record.audiences_at.get(audience)
+    if decided_at is not None and ts_ms < decided_at:
+        return None
+    before = record.audiences.get(audience)
+    record.audiences[audience] = member
+    record.audiences_at[audience] = ts_ms
+    return before, member
+
+
+def forget_failed_audience(record: UserRecord, audience: str, action: str) -> None:
+    """After Emarsys refused a list call: undo the remembered membership if still current.
+
+    A refused ``add`` forgets the membership (the next entry tries again); a refused
+    ``delete`` marks the contact a member again (the next exit tries again). A state changed
+    since (by a newer signal) is kept.
+    """
+    current = record.audiences.get(audience)
+    if action == "add" and current is True:
+        del record.audiences[audience]
+    elif action == "delete" and current is False:
+        record.audiences[audience] = True

@@ -39,9 +39,11 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from app.audiences import KEY_PLACEHOLDER, WILDCARD, snake_case
 from app.durations import Duration, parse_duration
 
 __all__ = [
+    "AudienceMapping",
     "DEFAULT_API_URL",
     "DEFAULT_OAUTH2_API_URL",
     "DEFAULT_TOKEN_URL",
@@ -332,6 +334,101 @@ class DataMapping(_Section):
     allow_empty: bool = False
 
 
+#: A value written to an audience's contact field (YAML scalars keep their type).
+FieldValue = bool | int | float | str
+
+
+class AudienceMapping(_Section):
+    """One ``audiences`` entry: an Engage audience -> an Emarsys contact list and/or field.
+
+    ``key`` is the audience key (snake_cased here, as Engage does) or ``"*"`` for every
+    audience without an entry of its own. The list is ``contact_list_id`` or
+    ``contact_list_name`` (``{key}`` in the name is replaced by the audience key; with
+    ``create_missing: true`` a missing list is created). ``field_id`` also writes membership
+    to that contact field: ``field_values[true]`` on entry, ``field_values[false]`` on exit.
+    """
+
+    key: str = Field(min_length=1)
+    contact_list_id: int | None = Field(default=None, gt=0)
+    contact_list_name: str | None = Field(default=None, min_length=1)
+    create_missing: bool = False
+    field_id: int | None = Field(default=None, gt=0)
+    field_values: dict[bool, FieldValue] | None = None
+
+    @field_validator("key")
+    @classmethod
+    def _snake_key(cls, value: str) -> str:
+        value = value.strip()
+        if value == WILDCARD:
+            return value
+        key = snake_case(value)
+        if not key:
+            raise PydanticCustomError(
+                "audience_key",
+                "invalid audience key {value} (expected the audience key, e.g. "
+                "vip_customers, or '*')",
+                {"value": _shown(value)},
+            )
+        return key
+
+    @field_validator("contact_list_name")
+    @classmethod
+    def _strip_name(cls, value: str | None) -> str | None:
+        if value is not None and not value.strip():
+            raise PydanticCustomError("empty", "must not be empty", {})
+        return None if value is None else value.strip()
+
+    @model_validator(mode="after")
+    def _check_targets(self) -> AudienceMapping:
+        errors: list[tuple[tuple[str | int, ...], str]] = []
+        has_id = self.contact_list_id is not None
+        has_name = self.contact_list_name is not None
+        if has_id and has_name:
+            errors.append(
+                (("contact_list_name",), "give contact_list_id or contact_list_name, not both")
+            )
+        if not has_id and not has_name and self.field_id is None:
+            errors.append(
+                (("contact_list_id",),
+                 "missing required key (an audience needs contact_list_id, contact_list_name "
+                 "or field_id)")
+            )
+        if self.create_missing and not has_name:
+            errors.append((("create_missing",), "only allowed with contact_list_name"))
+        if self.field_values is not None:
+            if self.field_id is None:
+                errors.append((("field_values",), "only allowed with field_id"))
+            missing = [name for flag, name in ((True, "true"), (False, "false"))
+                       if flag not in self.field_values]
+            if missing:
+                errors.append(
+                    (("field_values",),
+                     f"needs a value for both true and false (missing: {', '.join(missing)})")
+                )
+        if self.key == WILDCARD:
+            # One list or field for every audience would lose a member who leaves one
+            # audience while still in another: each audience needs its own list.
+            if has_id:
+                errors.append(
+                    (("contact_list_id",),
+                     "not allowed with key '*' (every audience would share one list); use "
+                     "contact_list_name with {key}, e.g. 'Segment {key}'")
+                )
+            if has_name and KEY_PLACEHOLDER not in (self.contact_list_name or ""):
+                errors.append(
+                    (("contact_list_name",),
+                     "with key '*' the name must contain {key} (replaced by the audience key)")
+                )
+            if self.field_id is not None:
+                errors.append(
+                    (("field_id",), "not allowed with key '*' (every audience would share "
+                     "one field)")
+                )
+        if errors:
+            raise _config_errors(errors)
+        return self
+
+
 class WebSettings(_Section):
     """``web:`` section (health and metrics endpoint)."""
 
@@ -379,7 +476,7 @@ class Settings(_Section):
     # Extended by later features; permissive for now.
     rules: list[dict[str, Any]] = Field(default_factory=list)
     rule_engine: dict[str, Any] = Field(default_factory=dict)
-    audiences: list[dict[str, Any]] = Field(default_factory=list)
+    audiences: list[AudienceMapping] = Field(default_factory=list)
 
     @model_validator(mode="before")
     @classmethod
@@ -436,6 +533,42 @@ class Settings(_Section):
             for index, mapping in enumerate(self.data_map)
             if mapping.field_id == key_field
         ]
+        if errors:
+            raise _config_errors(errors)
+        return self
+
+    @model_validator(mode="after")
+    def _check_audiences(self) -> Settings:
+        key_field = self.identity.primary_key.field_id
+        mapped = {m.field_id: i for i, m in enumerate(self.data_map)}
+        keys: dict[str, int] = {}
+        fields: dict[int, int] = {}
+        errors: list[tuple[tuple[str | int, ...], str]] = []
+        for index, audience in enumerate(self.audiences):
+            if audience.key in keys:
+                errors.append(
+                    (("audiences", index, "key"),
+                     f"duplicate audience key {audience.key!r} "
+                     f"(already mapped by audiences[{keys[audience.key]}])")
+                )
+            else:
+                keys[audience.key] = index
+            fid = audience.field_id
+            if fid is None:
+                continue
+            where = ("audiences", index, "field_id")
+            if fid == key_field:
+                errors.append(
+                    (where, f"field {fid} is the contact key (identity.primary_key.field_id)")
+                )
+            elif fid in mapped:
+                errors.append((where, f"field {fid} is also mapped by data_map[{mapped[fid]}]"))
+            elif fid in fields:
+                errors.append(
+                    (where, f"duplicate field_id {fid} (already used by audiences[{fields[fid]}])")
+                )
+            else:
+                fields[fid] = index
         if errors:
             raise _config_errors(errors)
         return self

@@ -6,6 +6,7 @@ from typing import Any
 
 import orjson
 
+from app.audiences import AudienceMap, AudienceRule
 from app.contacts import ContactBatch, ContactUpdater, upsert_operation
 from app.data_map import DataMap, FieldMapping
 from app.identity import UserRecord
@@ -465,3 +466,252 @@ def test_records_round_trip_between_batches() -> None:
     assert rec.first_seen_ms == 1_000 and rec.last_seen_ms == 5_000
     assert rec.counts_by_type == {"identify": 1, "page": 1}
     assert rec.primary_key == PK
+
+
+# -- Engage audiences -------------------------------------------------------------------------
+
+AUDIENCES = AudienceMap(
+    [
+        AudienceRule("vip_customers", contact_list_id=77, field_id=5001),
+        AudienceRule("newsletter_fans", contact_list_name="Fans", create_missing=True),
+        AudienceRule("field_only", field_id=5002, field_values={True: "in", False: "out"}),
+    ]
+)
+
+
+def make_aud(**kw: Any) -> Store:
+    return make(audiences=AUDIENCES, **kw)
+
+
+def aud_identify(
+    mid: str, member: bool, ts: int = 1_000, key: str = "vip_customers", pk: str = PK
+) -> tuple[str, dict[str, Any]]:
+    return ev(
+        mid, ts, pk=pk, traits={"email": pk, key: member},
+        context={"personas": {"computation_class": "audience", "computation_key": key,
+                              "computation_id": "aud_1", "space_id": "spa_1"}},
+    )
+
+
+def aud_track(
+    mid: str, member: bool, ts: int = 1_000, key: str = "vip_customers", pk: str = PK
+) -> tuple[str, dict[str, Any]]:
+    pk_, msg = ev(mid, ts, "track", pk=pk, properties={"audience_key": key, key: member},
+                  context={"traits": {"email": pk}})
+    msg["event"]["event"] = "Audience Entered" if member else "Audience Exited"
+    return pk_, msg
+
+
+def list_ops(ops: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [o for o in ops if o["op"] == "list_membership"]
+
+
+def upserts(ops: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [o for o in ops if o["op"] == "contact_upsert"]
+
+
+def test_identify_entry_queues_upsert_then_list_add() -> None:
+    s = make_aud()
+    b, ops = s.batch([aud_identify("m1", True, 2_000)])
+    assert [o["op"] for o in ops] == ["contact_upsert", "list_membership"]
+    assert ops[0]["fields"] == {"3": PK, "5001": 1}
+    assert ops[1] == {
+        "op": "list_membership", "primary_key": PK, "key_id": "3", "list_id": 77,
+        "create_missing": False, "action": "add", "audience": "vip_customers",
+        "event_time_ms": 2_000,
+    }
+    rec = s.record()
+    assert rec.audiences == {"vip_customers": True}
+    assert rec.audiences_at == {"vip_customers": 2_000}
+    assert b.audience_changes == 1 and b.unchanged == 0
+
+
+def test_track_form_entry_and_exit() -> None:
+    s = make_aud()
+    _, ops = s.batch([aud_track("m1", True)])
+    assert [o["action"] for o in list_ops(ops)] == ["add"]
+    _, ops = s.batch([aud_track("m2", False, 2_000)])
+    assert list_ops(ops) == [
+        {"op": "list_membership", "primary_key": PK, "key_id": "3", "list_id": 77,
+         "create_missing": False, "action": "delete", "audience": "vip_customers",
+         "event_time_ms": 2_000}
+    ]
+    assert upserts(ops) == [
+        {"op": "contact_upsert", "primary_key": PK, "key_id": "3", "fields": {"5001": 2},
+         "event_time_ms": 2_000, "message_ids": ["m2"]}
+    ]
+    assert s.record().audiences == {"vip_customers": False}
+
+
+def test_repeated_entry_costs_nothing() -> None:
+    s = make_aud()
+    s.batch([aud_identify("m1", True)])
+    b, ops = s.batch([aud_identify("m2", True, 2_000), aud_track("m3", True, 3_000)])
+    assert ops == []
+    assert b.unchanged == 2 and b.audience_noops == 2
+    assert s.record().audiences_at == {"vip_customers": 3_000}
+
+
+def test_exit_of_a_non_member_costs_nothing_but_is_remembered() -> None:
+    s = make_aud()
+    s.batch([ev("m0", 500, traits={"email": PK})])  # known contact, never a member
+    b, ops = s.batch([aud_identify("m1", False, 1_000)])
+    assert ops == [] and b.unchanged == 1 and b.audience_noops == 1
+    assert s.record().audiences == {"vip_customers": False}
+    # A second exit still costs nothing (the field was never written either).
+    _, ops = s.batch([aud_track("m2", False, 2_000)])
+    assert ops == []
+
+
+def test_exit_of_unknown_new_contact_only_creates_the_contact() -> None:
+    s = make_aud()
+    _, ops = s.batch([aud_identify("m1", False)])
+    assert ops == [upsert_operation(PK, KEY_ID, {"3": PK}, 1_000, ["m1"])]
+
+
+def test_entry_and_exit_in_one_batch_cancel_out() -> None:
+    s = make_aud()
+    s.batch([ev("m0", 500, traits={"email": PK})])
+    b, ops = s.batch([aud_identify("m1", True, 1_000), aud_identify("m2", False, 2_000)])
+    assert list_ops(ops) == []
+    # The field was never written before this batch, and ends at "false".
+    assert upserts(ops)[0]["fields"] == {"5001": 2}
+    assert s.record().audiences == {"vip_customers": False}
+    # Member before the batch: exit then entry again -> no list call either. (The field
+    # follows the data-map rule for a value changed back within one batch: it is resent.)
+    s.batch([aud_identify("m3", True, 3_000)])
+    _, ops = s.batch([aud_identify("m4", False, 4_000), aud_identify("m5", True, 5_000)])
+    assert list_ops(ops) == []
+    assert [o["fields"] for o in upserts(ops)] == [{"5001": 1}]
+
+
+def test_entries_in_one_batch_merge_into_the_net_change() -> None:
+    s = make_aud()
+    s.batch([aud_identify("m1", True, 1_000)])
+    _, ops = s.batch(
+        [aud_identify("m2", False, 2_000), aud_identify("m3", True, 3_000),
+         aud_identify("m4", False, 4_000)]
+    )
+    assert [(o["action"], o["event_time_ms"]) for o in list_ops(ops)] == [("delete", 4_000)]
+
+
+def test_older_signal_processed_later_is_ignored() -> None:
+    s = make_aud()
+    s.batch([aud_identify("m1", True, 1_000)])
+    s.batch([aud_identify("m2", False, 5_000)])
+    b, ops = s.batch([aud_track("m3", True, 3_000)])  # late entry, older than the exit
+    assert ops == [] and b.audience_stale == 1
+    assert s.record().audiences == {"vip_customers": False}
+    # Within one batch too.
+    s2 = make_aud()
+    _, ops = s2.batch([aud_identify("n1", True, 5_000), aud_identify("n2", False, 3_000)])
+    assert [o["action"] for o in list_ops(ops)] == ["add"]
+    assert upserts(ops)[0]["fields"]["5001"] == 1
+
+
+def test_list_by_name_and_field_only_audience() -> None:
+    s = make_aud()
+    _, ops = s.batch([aud_identify("m1", True, key="newsletter_fans"),
+                      aud_track("m2", True, 1_000, key="field_only")])
+    assert list_ops(ops) == [
+        {"op": "list_membership", "primary_key": PK, "key_id": "3", "list_name": "Fans",
+         "create_missing": True, "action": "add", "audience": "newsletter_fans",
+         "event_time_ms": 1_000}
+    ]
+    assert upserts(ops)[0]["fields"] == {"3": PK, "5002": "in"}
+    _, ops = s.batch([aud_track("m3", False, 2_000, key="field_only")])
+    assert ops == [upsert_operation(PK, KEY_ID, {"5002": "out"}, 2_000, ["m3"])]
+
+
+def test_unmapped_audience_is_counted_and_ignored() -> None:
+    s = make_aud()
+    s.batch([ev("m0", 500, traits={"email": PK})])
+    b, ops = s.batch([aud_identify("m1", True, key="someone_elses")])
+    assert ops == [] and b.audience_unmapped == 1
+    assert s.record().audiences == {}
+
+
+def test_wildcard_maps_every_audience() -> None:
+    s = make(audiences=AudienceMap([AudienceRule("*", contact_list_name="Seg {key}")]))
+    _, ops = s.batch([aud_identify("m1", True, key="Big Spenders")])
+    assert list_ops(ops)[0]["list_name"] == "Seg big_spenders"
+    assert s.record().audiences == {"big_spenders": True}
+
+
+def test_without_audience_config_signals_are_plain_events() -> None:
+    s = make()
+    _, ops = s.batch([aud_identify("m1", True)])
+    assert list_ops(ops) == []
+    assert s.record().audiences == {}
+
+
+def test_refused_add_is_forgotten_so_the_next_entry_tries_again() -> None:
+    s = make_aud()
+    s.batch([aud_identify("m1", True)])
+    s.batch([(PK, {"kind": "send_failed", "primary_key": PK, "fields": {},
+                   "contact_missing": False, "audiences": {"vip_customers": "add"}})])
+    assert s.record().audiences == {}
+    _, ops = s.batch([aud_identify("m2", True, 2_000)])
+    assert [o["action"] for o in list_ops(ops)] == ["add"]
+
+
+def test_refused_delete_makes_the_contact_a_member_again() -> None:
+    s = make_aud()
+    s.batch([aud_identify("m1", True)])
+    s.batch([aud_identify("m2", False, 2_000)])
+    s.batch([(PK, {"kind": "send_failed", "primary_key": PK, "fields": {},
+                   "contact_missing": True, "audiences": {"vip_customers": "delete"}})])
+    rec = s.record()
+    assert rec.audiences == {"vip_customers": True} and not rec.created_in_emarsys
+    _, ops = s.batch([aud_identify("m3", False, 3_000)])
+    assert [o["action"] for o in list_ops(ops)] == ["delete"]
+
+
+def test_refusal_of_an_outdated_state_keeps_the_newer_one() -> None:
+    s = make_aud()
+    s.batch([aud_identify("m1", True)])
+    s.batch([aud_identify("m2", False, 2_000)])
+    # The earlier add was refused, but the contact has exited since: nothing to undo.
+    s.batch([(PK, {"kind": "send_failed", "primary_key": PK, "fields": {},
+                   "contact_missing": False, "audiences": {"vip_customers": "add"}})])
+    assert s.record().audiences == {"vip_customers": False}
+
+
+def test_trait_computed_track_properties_are_mapped_like_traits() -> None:
+    data_map = DataMap([FieldMapping(("traits.lifetime_value", "properties.lifetime_value"),
+                                     7001, "number")])
+    s = Store(ContactUpdater(data_map, key_field_id=KEY_ID, max_ids=50,
+                             dedupe_window_ms=HOUR_MS, audiences=AUDIENCES))
+    computed = {"computation_class": "trait", "computation_key": "lifetime_value"}
+    _, ops = s.batch([ev("m1", 1_000, "track", properties={
+        "trait_key": "lifetime_value", "lifetime_value": 120.5},
+        context={"traits": {"email": PK}, "personas": computed})])
+    assert ops[0]["fields"] == {"7001": 120.5}
+    assert list_ops(ops) == []
+    # The identify form of a computed trait goes the same way; unchanged value: no call.
+    _, ops = s.batch([ev("m2", 2_000, traits={"email": PK, "lifetime_value": 120.5},
+                         context={"personas": computed})])
+    assert ops == []
+    _, ops = s.batch([ev("m3", 3_000, traits={"email": PK, "lifetime_value": 99},
+                         context={"personas": computed})])
+    assert ops[0]["fields"] == {"7001": 99}
+
+
+def test_audience_state_round_trips_through_the_table() -> None:
+    s = make_aud()
+    s.batch([aud_identify("m1", True, 1_000), aud_track("m2", True, 1_500, key="field_only")])
+    raw = s.users[PK]
+    assert raw["audiences"] == {"vip_customers": True, "field_only": True}
+    assert raw["audiences_at"] == {"vip_customers": 1_000, "field_only": 1_500}
+    assert UserRecord.from_dict(raw).to_dict() == raw
+
+
+def test_records_without_audiences_keep_their_shape() -> None:
+    s = make_aud()
+    s.batch([ev("m1", 1_000, traits={"firstName": "Ann"})])
+    assert "audiences" not in s.users[PK]
+    old = dict(s.users[PK])
+    rec = UserRecord.from_dict(old)
+    assert rec.audiences == {} and rec.audiences_at == {}
+    bad = UserRecord.from_dict({**old, "audiences": {"a": "yes", "b": True}, "audiences_at": 3})
+    assert bad.audiences == {"b": True} and bad.audiences_at == {}
