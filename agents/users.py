@@ -55,6 +55,8 @@ def register(rt: Runtime) -> None:
         registry=m.registry,
     )
 
+    register_dedupe_sweep(rt)
+
     @rt.app.agent(rt.topics.contact_events, name="users")
     async def users(stream):  # type: ignore[no-untyped-def]
         async for events in stream.take_events(s.worker.batch_max, s.worker.batch_within):
@@ -65,27 +67,33 @@ def register(rt: Runtime) -> None:
                 by_pk[pk] = ev
                 items.append((pk, orjson.loads(ev.value)))
             users_view = TableView(t.users, by_pk)
-            # dedupe keys are messageIds, stored in the partition of their contact.
+            # Dedupe keys are "<primary key>\x1f<messageId>", stored in the partition of
+            # their contact (so the expiry sweep can find that partition again).
             seen_events: dict[str, Any] = {}
+            seen_key: dict[str, str] = {}
             seen_view = TableView(t.dedupe, seen_events)
             for pk, msg in items:
                 event = msg.get("event")
                 if isinstance(event, dict) and isinstance(event.get("messageId"), str):
-                    seen_events[event["messageId"]] = by_pk[pk]
+                    dkey = dedupe_key(pk, event["messageId"])
+                    seen_key[event["messageId"]] = dkey
+                    seen_events[dkey] = by_pk[pk]
 
             def load_user(pk: str, users_view: TableView = users_view) -> UserRecord | None:
                 raw = users_view.get(pk)
                 return None if raw is None else UserRecord.from_dict(raw)
 
-            def load_seen(mid: str, seen_view: TableView = seen_view) -> int | None:
-                value = seen_view.get(mid)
+            def load_seen(
+                mid: str, seen_view: TableView = seen_view, seen_key: dict[str, str] = seen_key
+            ) -> int | None:
+                value = seen_view.get(seen_key[mid])
                 return None if value is None else int(value)
 
             batch = updater.process(items, load_user, load_seen, int(time.time() * 1000))
             for pk, rec in batch.users.items():
                 users_view[pk] = rec.to_dict()
             for mid, at in batch.seen.items():
-                seen_view[mid] = at
+                seen_view[seen_key[mid]] = at
             users_view.flush()
             seen_view.flush()
             if batch.new_users:
@@ -107,3 +115,42 @@ def register(rt: Runtime) -> None:
                     audience_signals.labels(outcome).inc(n)
             for op in ops:
                 await send_json(rt.topics.operations, op["primary_key"], op)
+
+
+def dedupe_key(primary_key: str, message_id: str) -> str:
+    return f"{primary_key}\x1f{message_id}"
+
+
+def register_dedupe_sweep(rt: Runtime) -> None:
+    """Delete dedupe entries older than ``dedupe.window`` (with changelog tombstones)."""
+    from agents.identity import partition_for_key
+    from tables.context import PartitionEvent
+
+    window_ms = int(rt.settings.dedupe.window * 1000)
+    interval = max(1.0, min(rt.settings.dedupe.window / 24, 3600.0))
+    topic_name = rt.topics.contact_events.get_topic_name()
+    n = rt.settings.kafka.partitions
+    table = rt.tables.dedupe
+
+    @rt.app.timer(interval=interval)
+    async def sweep_dedupe() -> None:
+        now = int(time.time() * 1000)
+        events: dict[str, Any] = {}
+        view = TableView(table, events)
+        expired = 0
+        for key, raw in list(table.items()):
+            k = key.decode() if isinstance(key, bytes) else str(key)
+            pk, sep, _ = k.partition("\x1f")
+            if not sep:
+                continue
+            try:
+                at = int(orjson.loads(raw))
+            except (ValueError, TypeError):
+                at = 0
+            if now - at >= window_ms:
+                events[k] = PartitionEvent(topic_name, partition_for_key(pk.encode(), n))
+                del view[k]
+                expired += 1
+        view.flush()
+        if expired:
+            rt.metrics.dedupe_expired.inc(expired)

@@ -22,6 +22,11 @@ class Metrics:
         self.duplicates = Counter(
             "emarsys_stream_duplicates", "Events dropped as duplicate messageIds", registry=r
         )
+        self.dedupe_expired = Counter(
+            "emarsys_stream_dedupe_expired",
+            "messageIds forgotten after the dedupe window",
+            registry=r,
+        )
         self.held = Counter(
             "emarsys_stream_unidentified_held",
             "Events held until their identity is known",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import aiohttp
@@ -215,3 +216,26 @@ async def test_held_event_of_an_id_never_linked_expires_to_the_dead_letter_topic
     assert env["source"]["topic"] == dep.ingest_topic
     metrics = await worker_metrics(dep)
     assert metrics['emarsys_stream_unidentified_expired_total{why="expired"}'] == 1.0
+
+
+async def test_dedupe_entries_expire_after_the_window(
+    deployment_factory: Any, simulator: Any
+) -> None:
+    dep = deployment_factory(simulator.url, **{"dedupe.window": "2s"})
+    await dep.start_worker()
+    await dep.produce([identify("win@example.com", mid="w1", uid="uw", firstName="A")])
+    await wait_for(lambda: contact(simulator, "win@example.com"))
+
+    async def swept() -> bool:
+        return (await worker_metrics(dep)).get("emarsys_stream_dedupe_expired_total", 0) >= 1
+
+    for _ in range(100):
+        if await swept():
+            break
+        await asyncio.sleep(0.2)
+    assert await swept(), "the dedupe sweep never removed the expired messageId"
+    # Same messageId again, past the window: it is a new event now, not a duplicate.
+    await dep.produce([identify("win@example.com", mid="w1", uid="uw", firstName="B")])
+    await wait_for(lambda: (contact(simulator, "win@example.com") or {}).get("1") == "B")
+    rec = await user_record(dep, "win@example.com")
+    assert rec is not None and rec["event_count"] == 2
