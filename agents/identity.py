@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -16,6 +17,8 @@ if TYPE_CHECKING:
     from app.faust_app import Runtime
 
 __all__ = ["register"]
+
+log = logging.getLogger("emarsys_stream.identity")
 
 
 def _now_ms() -> int:
@@ -62,6 +65,10 @@ def register(rt: Runtime) -> None:
                 m.expired.labels("expired").inc(st.expired)
             if st.overflow:
                 m.expired.labels("overflow").inc(st.overflow)
+            if st.expired or st.overflow:
+                log.warning("dead letters written: %d held event(s) expired or over the bound",
+                            st.expired + st.overflow,
+                            extra={"expired": st.expired, "overflow": st.overflow})
             await send_emits(rt, emits)
 
 
@@ -111,4 +118,6 @@ def register_held_sweep(rt: Runtime) -> None:
         state.held.flush()
         if resolver.stats.expired:
             m.expired.labels("expired").inc(resolver.stats.expired)
+            log.warning("dead letters written: %d held event(s) expired",
+                        resolver.stats.expired, extra={"expired": resolver.stats.expired})
         await send_emits(rt, emits)

@@ -44,6 +44,7 @@ def register(rt: Runtime) -> None:
     async def ingest(stream):  # type: ignore[no-untyped-def]
         async for events in stream.take_events(s.worker.batch_max, s.worker.batch_within):
             emits: list[Emit] = []
+            invalid: dict[str, int] = {}
             for event in events:
                 raw = event.value
                 src = source_of(event)
@@ -53,6 +54,7 @@ def register(rt: Runtime) -> None:
                 result = validate_event(bytes(raw), fallback_ts_ms=fallback)
                 if isinstance(result, InvalidEvent):
                     m.events_invalid.labels(result.reason).inc()
+                    invalid[result.reason] = invalid.get(result.reason, 0) + 1
                     await send_json(
                         rt.topics.dead_letters,
                         None,
@@ -74,3 +76,10 @@ def register(rt: Runtime) -> None:
                     )
                 )
             await send_emits(rt, emits)
+            if invalid:
+                log.warning(
+                    "dead letters written: %d invalid event(s)",
+                    sum(invalid.values()),
+                    extra={"dead_letters": sum(invalid.values()), "by_reason": invalid,
+                           "topic": rt.topics.dead_letters.get_topic_name()},
+                )

@@ -59,6 +59,10 @@ def register(rt: Runtime) -> None:
         for reason, n in (result.retries_by_reason or {}).items():
             if n:
                 m.emarsys_retries.labels(reason).inc(n)
+        rate_limited = result.retries_by_reason["429"] if result.retries_by_reason else 0
+        rate_limited += 1 if result.status == 429 else 0  # the last answer, not retried
+        if rate_limited:
+            m.emarsys_429.labels(result.endpoint).inc(rate_limited)
         await send_json(
             topics.results,
             None,
@@ -86,6 +90,14 @@ def register(rt: Runtime) -> None:
         errors: dict[str, Any] | None,
     ) -> None:
         m.emarsys_dead_letters.labels(endpoint).inc(len(primary_keys))
+        log.warning(
+            "emarsys dead letter written: %d contact(s) refused by %s",
+            len(primary_keys),
+            endpoint,
+            extra={"endpoint": endpoint, "contacts": len(primary_keys),
+                   "status": None if result is None else result.status,
+                   "reply_code": None if result is None else result.reply_code},
+        )
         await send_json(
             topics.emarsys_dead_letters,
             primary_keys[0] if len(primary_keys) == 1 else None,
@@ -201,6 +213,8 @@ def register(rt: Runtime) -> None:
         except (ValueError, KeyError, TypeError) as exc:
             # Never dropped silently: an operation we cannot read is dead-lettered.
             m.emarsys_dead_letters.labels("unreadable").inc()
+            log.warning("emarsys dead letter written: unreadable operation (%s)", exc,
+                        extra={"endpoint": "unreadable", "contacts": 0})
             await send_json(
                 topics.emarsys_dead_letters,
                 None,

@@ -196,6 +196,12 @@ def register(rt: Runtime) -> None:
             view.flush()
             for pk, match in matches:
                 await emit_match(pk, match)
+            if matches:
+                by_rule: dict[str, int] = {}
+                for _pk, match in matches:
+                    by_rule[match.rule] = by_rule.get(match.rule, 0) + 1
+                log.info("rule matches: %d", len(matches),
+                         extra={"matches": len(matches), "by_rule": by_rule})
             for pk, msg in late:
                 m.late_events.inc()
                 await send_json(topics.late_events, pk, msg)

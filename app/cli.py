@@ -49,15 +49,25 @@ def check_config(path: Annotated[Path, typer.Argument(help="YAML config file")])
     )
 
 
-def _start_worker(settings: Settings, loglevel: str = "info") -> None:
+def _start_worker(settings: Settings, loglevel: str = "info", log_format: str = "json") -> None:
     """Run a Faust worker in this process until stopped (Ctrl-C / SIGTERM)."""
     import faust
 
     from app.faust_app import build_runtime
+    from app.logging_setup import configure_logging, logging_config, secrets_of
 
+    if log_format not in ("json", "text"):
+        typer.echo(f"--log-format must be json or text, not {log_format!r}", err=True)
+        raise typer.Exit(2)
+    secrets = secrets_of(settings)
+    configure_logging(log_format, loglevel, secrets)
+    log = logging.getLogger("emarsys_stream.worker")
     if not settings.kafka.bootstrap_servers:
         typer.echo("kafka.bootstrap_servers is not set (or use `emarsys-stream run`)", err=True)
         raise typer.Exit(2)
+    if settings.web.port == 0:
+        web = settings.web.model_copy(update={"port": free_port(settings.web.host)})
+        settings = settings.model_copy(update={"web": web})
     Path(settings.data_dir).mkdir(parents=True, exist_ok=True)
     rt = build_runtime(settings)
     from app.topics_admin import ensure_topics
@@ -68,18 +78,32 @@ def _start_worker(settings: Settings, loglevel: str = "info") -> None:
         loop.run_until_complete(ensure_topics(rt))
     finally:
         loop.close()
-    worker = faust.Worker(rt.app, loglevel=loglevel, quiet=True)
+    url = f"http://{settings.web.host}:{settings.web.port}"
+    log.info(f"web listening on {url}", extra={"web_url": url, "port": settings.web.port})
+    worker = faust.Worker(
+        rt.app,
+        loglevel=loglevel,
+        quiet=True,
+        # A fresh dict: dictConfig consumes parts of the one it is given.
+        logging_config=logging_config(log_format, loglevel, secrets),
+    )
     worker.execute_from_commandline()
+
+
+LogFormatOpt = Annotated[
+    str, typer.Option("--log-format", help="json (one object per line) | text")
+]
 
 
 @cli.command()
 def worker(
     config: ConfigOpt,
     loglevel: Annotated[str, typer.Option(help="debug|info|warning")] = "info",
+    log_format: LogFormatOpt = "json",
 ) -> None:
     """Run a worker against the configured Kafka cluster and Emarsys account."""
     settings = _load_or_exit(config)
-    _start_worker(settings, loglevel)
+    _start_worker(settings, loglevel, log_format)
 
 
 @cli.command()
@@ -87,6 +111,7 @@ def run(
     config: Annotated[Path | None, typer.Option("--config", "-c", help="YAML config")] = None,
     simulator_port: Annotated[int, typer.Option(help="0 = pick a free port")] = 0,
     broker_port: Annotated[int, typer.Option(help="0 = pick a free port")] = 0,
+    log_format: LogFormatOpt = "text",
 ) -> None:
     """Run everything on this machine: embedded broker (if no bootstrap_servers is
     configured), Emarsys simulator (if no config file is given) and a worker."""
@@ -144,13 +169,16 @@ def run(
             typer.echo(
                 f"  Emarsys simulator:  {sim_url}  (calls: {sim_url.split('/api')[0]}/_sim/calls)"
             )
+        if settings.web.port == 0:
+            web = settings.web.model_copy(update={"port": free_port(settings.web.host)})
+            settings = settings.model_copy(update={"web": web})
         typer.echo(f"  Worker web:        http://{settings.web.host}:{settings.web.port}/metrics")
         typer.echo(
             f"  Send events:       emarsys-stream send examples/events.jsonl "
             f"--bootstrap-servers {settings.kafka.bootstrap_servers}"
         )
         typer.echo("  Stop with Ctrl-C.\n")
-        _start_worker(settings)
+        _start_worker(settings, log_format=log_format)
     finally:
         for proc in procs:
             with contextlib.suppress(Exception):

@@ -71,6 +71,12 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+        self.emarsys_429 = Counter(
+            "emarsys_stream_emarsys_429",
+            "HTTP 429 (rate limited) answers from Emarsys, by endpoint",
+            ["endpoint"],
+            registry=r,
+        )
         self.emarsys_dead_letters = Counter(
             "emarsys_stream_emarsys_dead_letters",
             "Contacts/operations dead-lettered after Emarsys refused them",
@@ -91,6 +97,13 @@ class Metrics:
         )
         self.users_table_keys = Gauge(
             "emarsys_stream_users_table_keys", "Users table keys held by this worker", registry=r
+        )
+
+        self.consumer_lag = Gauge(
+            "emarsys_stream_consumer_lag",
+            "Messages not yet processed (highwater - committed) per assigned partition",
+            ["topic", "partition"],
+            registry=r,
         )
 
     def render(self) -> bytes:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from typing import TYPE_CHECKING, Any
 
 from faust.exceptions import SameNode
@@ -11,7 +13,9 @@ from tables.codec import loads
 if TYPE_CHECKING:
     from app.faust_app import Runtime
 
-__all__ = ["register_views"]
+__all__ = ["register_views", "update_consumer_lag"]
+
+log = logging.getLogger("emarsys_stream.worker")
 
 
 def health_state(rt: Runtime) -> dict[str, Any]:
@@ -33,6 +37,7 @@ def health_state(rt: Runtime) -> dict[str, Any]:
 
 def register_views(rt: Runtime) -> None:
     app = rt.app
+    register_ready_log(rt)
 
     @app.page("/metrics")
     async def metrics(web: Any, request: Any) -> Any:
@@ -40,6 +45,7 @@ def register_views(rt: Runtime) -> None:
             rt.metrics.users_table_keys.set(sum(1 for _ in rt.tables.users.keys()))
         except Exception:  # table not ready during a rebalance
             pass
+        await update_consumer_lag(rt)
         return web.bytes(rt.metrics.render(), content_type="text/plain; version=0.0.4")
 
     @app.page("/health")
@@ -63,6 +69,56 @@ def register_views(rt: Runtime) -> None:
         if raw is None:
             return web.json({"error": "unknown primary key"}, status=404)
         return web.json(loads(raw))
+
+
+async def update_consumer_lag(rt: Runtime) -> None:
+    """Set ``emarsys_stream_consumer_lag{topic,partition}`` for this worker's assigned
+    partitions: highwater - (last committed offset + 1), else highwater - position."""
+    gauge = rt.metrics.consumer_lag
+    try:
+        consumer = rt.app.consumer
+        assigned = consumer.assignment()
+    except Exception:  # not started / rebalancing
+        return
+    gauge.clear()  # partitions revoked since the last scrape disappear
+    committed: dict[Any, int | None] = getattr(consumer, "_committed_offset", {})
+    for tp in sorted(assigned):
+        try:
+            high = consumer.highwater(tp)
+        except Exception:
+            high = None
+        if high is None:
+            continue
+        done = committed.get(tp)
+        if done is not None:
+            next_offset: int | None = done + 1
+        else:
+            try:
+                next_offset = await asyncio.wait_for(consumer.position(tp), 2.0)
+            except Exception:
+                next_offset = None
+        if next_offset is None:
+            continue
+        # The embedded broker's end offsets can lag behind what was read: never < 0.
+        gauge.labels(tp.topic, str(tp.partition)).set(max(0, int(high) - int(next_offset)))
+
+
+def register_ready_log(rt: Runtime) -> None:
+    """Log one line each time the worker becomes ready (startup, after a rebalance)."""
+
+    @rt.app.task
+    async def log_when_ready() -> None:
+        was_ready = False
+        while True:
+            await asyncio.sleep(0.5)
+            state = health_state(rt)
+            if state["ready"] and not was_ready:
+                log.info(
+                    "worker ready with %d assigned partitions", state["assigned_partitions"],
+                    extra={"assigned_partitions": state["assigned_partitions"],
+                           "web_port": rt.settings.web.port},
+                )
+            was_ready = bool(state["ready"])
 
 
 async def _ensure_metadata(rt: Runtime, topic: str) -> None:
