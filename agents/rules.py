@@ -209,12 +209,19 @@ def register(rt: Runtime) -> None:
     @rt.app.task
     async def rule_timers() -> None:
         """Send a timer message for every contact whose deadline the watermark passed."""
-        rebuilt = False
+        rebuilt_for: frozenset[Any] | None = None
+        was_recovered = False
         while not rt.app.should_stop:
             await asyncio.sleep(0.5)
-            if not rebuilt and _recovered(rt):
+            # Rebuild the deadline index after every rebalance once tables are recovered:
+            # partitions (and their pending deadlines) may arrive in a later assignment.
+            assigned = _assignment(rt)
+            recovered = _recovered(rt)
+            changed = assigned != rebuilt_for or (recovered and not was_recovered)
+            was_recovered = recovered
+            if assigned and recovered and changed:
                 _rebuild(table, engine, clock, deadlines)
-                rebuilt = True
+                rebuilt_for = assigned
             wm = clock.watermark()
             if wm is None:
                 continue
@@ -236,6 +243,13 @@ def engine_settings(rule_engine: dict[str, Any]) -> dict[str, Any]:
 def idle_timeout(rule_engine: dict[str, Any]) -> float:
     """Seconds without events after which the event clock follows wall time."""
     return parse_duration(rule_engine.get("idle_timeout", "30s"))
+
+
+def _assignment(rt: Runtime) -> frozenset[Any]:
+    try:
+        return frozenset(rt.app.consumer.assignment())
+    except Exception:  # consumer not started yet
+        return frozenset()
 
 
 def _recovered(rt: Runtime) -> bool:

@@ -127,7 +127,10 @@ async def test_restart_with_open_absence_window_fires_exactly_once(
     await wait_for(lambda: triggers(simulator), timeout=90)
     await asyncio.sleep(6)  # give a duplicate the chance to appear
     assert len(triggers(simulator)) == 1
-    assert triggers(simulator)[0].deliveries == 1
+    # Exactly one program run in Emarsys: one distinct trigger. If the kill landed after
+    # the old worker had sent the trigger but before it committed, the redelivered history
+    # fires again with the same trigger_id, which Emarsys counts as a repeat, not a run.
+    assert triggers(simulator)[0].deliveries >= 1
 
 
 async def test_out_of_order_within_lateness_matches_and_later_goes_to_late_topic(
