@@ -147,4 +147,8 @@ def build_runtime(settings: Settings, *, agents: bool = True) -> Runtime:
     from app.web import register_views
 
     register_views(rt)
+    if agents:
+        from app.kafka_watchdog import register_kafka_watchdog
+
+        register_kafka_watchdog(rt)
     return rt

@@ -105,6 +105,12 @@ class Metrics:
             ["topic", "partition"],
             registry=r,
         )
+        self.kafka_stalled_requests = Counter(
+            "emarsys_stream_kafka_stalled_requests",
+            "Kafka requests left unanswered longer than worker.kafka_stall_warning, by client",
+            ["client"],
+            registry=r,
+        )
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -454,6 +454,8 @@ class WorkerSettings(_Section):
     # Apache Kafka reports end offsets correctly: keep the default.
     producer_max_batch_size: int = Field(default=16384, ge=1)
     standby_replicas: int = Field(default=0, ge=0)
+    # A Kafka request unanswered this long is logged (API, broker, queue depth).
+    kafka_stall_warning: Annotated[Duration, Field(gt=0)] = 20.0
 
 
 _NULL_MEANS_DEFAULT = (

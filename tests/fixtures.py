@@ -199,6 +199,15 @@ class Deployment:
         for w in self.workers:
             w.stop()
 
+    def log_digest(self, lines: int = 30) -> str:
+        """The last warnings/errors of every worker log, for a failing test's message."""
+        out = []
+        for i, w in enumerate(self.workers):
+            notable = [ln for ln in w.log().splitlines() if "WARN" in ln or "ERROR" in ln]
+            out.append(f"--- worker{i} ({w.log_path}): last {lines} warnings/errors")
+            out.extend(ln[:300] for ln in notable[-lines:])
+        return "\n".join(out)
+
     async def produce(self, events: list[Any], topic: str | None = None) -> None:
         producer = AIOKafkaProducer(bootstrap_servers=self.bootstrap, linger_ms=2)
         await producer.start()
