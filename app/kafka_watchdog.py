@@ -19,7 +19,13 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["QueueHead", "RequestQueueWatch", "Stall", "request_queue_heads"]
+__all__ = [
+    "QueueHead",
+    "RequestQueueWatch",
+    "Stall",
+    "producer_buffer_head",
+    "request_queue_heads",
+]
 
 log = logging.getLogger("emarsys_stream.kafka")
 
@@ -92,6 +98,37 @@ def request_queue_heads(clients: Mapping[str, Any]) -> list[QueueHead]:
     return heads
 
 
+def producer_buffer_head(buffer: Any) -> QueueHead | None:
+    """The oldest message in Faust's producer buffer (not yet handed to aiokafka).
+
+    A head that stays put while requests are answered means the producer is waiting
+    on something else (metadata for a topic, a full accumulator), not on the broker.
+    """
+    try:
+        queue = buffer.pending._queue  # asyncio.Queue's deque
+        if not queue:
+            return None
+        fut = queue[0]
+        topic = fut.message.channel.get_topic_name()
+    except Exception:  # noqa: BLE001
+        return None
+    return QueueHead(connection="producer buffer", correlation_id=id(fut),
+                     api=f"send to {topic}", depth=len(queue))
+
+
+def accumulator_summary(producer: Any) -> str:
+    """aiokafka's view: nodes with a request in flight and partitions with batches waiting."""
+    try:
+        in_flight = sorted(producer._sender._in_flight)
+        waiting = {f"{tp.topic}[{tp.partition}]": len(b)
+                   for tp, b in producer._message_accumulator._batches.items() if b}
+    except Exception:  # noqa: BLE001
+        return "unavailable"
+    top = sorted(waiting.items(), key=lambda kv: -kv[1])[:5]
+    return (f"in flight to nodes {in_flight}; batches waiting {dict(top)} "
+            f"({len(waiting)} partitions)")
+
+
 def register_kafka_watchdog(rt: Any) -> None:
     """Sample the worker's producer and consumer connections every few seconds."""
     stall_after = float(rt.settings.worker.kafka_stall_warning)
@@ -115,17 +152,28 @@ def register_kafka_watchdog(rt: Any) -> None:
     async def watch_kafka_requests() -> None:
         import time
 
-        for stall in watch.observe(request_queue_heads(clients()), time.monotonic()):
+        heads = request_queue_heads(clients())
+        buffered = producer_buffer_head(getattr(rt.app.producer, "buffer", None))
+        if buffered is not None:
+            heads.append(buffered)
+        for stall in watch.observe(heads, time.monotonic()):
             role = stall.head.connection.split(" ", 1)[0]
             rt.metrics.kafka_stalled_requests.labels(client=role).inc()
             log.warning(
-                "kafka request unanswered for %.0f s: %s (correlation id %d) on %s, "
-                "%d request(s) queued behind it; producer buffer %d message(s)",
-                stall.waited, stall.head.api, stall.head.correlation_id,
-                stall.head.connection, stall.head.depth - 1, _producer_buffer_size(rt),
+                "kafka stalled for %.0f s: %s on %s has not moved, %d queued behind it; "
+                "producer buffer %d message(s); aiokafka: %s",
+                stall.waited, stall.head.api, stall.head.connection, stall.head.depth - 1,
+                _producer_buffer_size(rt), _aiokafka_state(rt),
                 extra={"event": "kafka_request_stalled", "api": stall.head.api,
                        "connection": stall.head.connection, "waited_s": round(stall.waited, 1)},
             )
+
+
+def _aiokafka_state(rt: Any) -> str:
+    try:
+        return accumulator_summary(rt.app.producer._ensure_producer())
+    except Exception:  # noqa: BLE001
+        return "producer not started"
 
 
 def _producer_buffer_size(rt: Any) -> int:

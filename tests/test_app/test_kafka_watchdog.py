@@ -78,3 +78,22 @@ async def test_reads_the_head_of_a_real_connection_to_a_broker_that_never_answer
 
 def test_unreadable_clients_are_skipped() -> None:
     assert request_queue_heads({"producer": object(), "consumer": None}) == []
+
+
+async def test_reads_the_oldest_message_of_a_real_faust_producer_buffer() -> None:
+    import faust
+    from faust.transport.producer import ProducerBuffer
+
+    from app.kafka_watchdog import producer_buffer_head
+
+    app = faust.App("watchdog-test", broker="kafka://127.0.0.1:1")
+    buffer = ProducerBuffer()
+    buffer.app = app
+    assert producer_buffer_head(buffer) is None
+    first = app.topic("orders").as_future_message(key=b"k", value=b"v")
+    buffer.put(first)
+    buffer.put(app.topic("refunds").as_future_message(key=b"k", value=b"v"))
+    found = producer_buffer_head(buffer)
+    assert found is not None
+    assert (found.connection, found.api, found.depth) == ("producer buffer", "send to orders", 2)
+    assert found.correlation_id == id(first)
