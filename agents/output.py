@@ -150,6 +150,7 @@ def register(rt: Runtime) -> None:
             async with lock:
                 while pending.due():
                     drained = pending.drain()
+                    count_minimum_calls(drained)
                     # Upserts first: a new contact must exist before its first trigger.
                     for key_id, changes in drained.upserts_by_key_id.items():
                         await upsert(client, key_id, changes)
@@ -182,6 +183,21 @@ def register(rt: Runtime) -> None:
                     await flush_due(client)
             finally:
                 ticker.cancel()
+
+    def count_minimum_calls(drained: Any) -> None:
+        size = s.emarsys.batch_size
+        upserts = sum(
+            -(-len({c.primary_key for c in changes}) // size)
+            for changes in drained.upserts_by_key_id.values()
+        )
+        per_event: dict[tuple[int, str], set[str]] = {}
+        for r in drained.triggers:
+            per_event.setdefault((r.event_id, r.key_id), set()).add(r.external_id)
+        triggers = sum(-(-len(ids) // size) for ids in per_event.values())
+        if upserts:
+            m.emarsys_minimum_calls.labels("contact.upsert").inc(upserts)
+        if triggers:
+            m.emarsys_minimum_calls.labels("event.trigger").inc(triggers)
 
     async def accept(pending: PendingOperations[Any], ev: Any) -> None:
         try:

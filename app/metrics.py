@@ -105,6 +105,14 @@ class Metrics:
             ["topic", "partition"],
             registry=r,
         )
+        self.emarsys_minimum_calls = Counter(
+            "emarsys_stream_emarsys_minimum_calls",
+            "Fewest calls each flush could have made: ceil(distinct contacts / batch_size) "
+            "per key (upserts) or per external event (triggers); compare with "
+            "emarsys_stream_emarsys_calls",
+            ["endpoint"],
+            registry=r,
+        )
         self.kafka_stalled_requests = Counter(
             "emarsys_stream_kafka_stalled_requests",
             "Kafka requests left unanswered longer than worker.kafka_stall_warning, by client",

@@ -13,7 +13,7 @@ import yaml
 
 from app.simulator import SimulatorOptions, start_simulator
 from tests.fixtures import Deployment, WorkerProcess, wait_for
-from tests.test_e2e.test_pipeline import contact, identify
+from tests.test_e2e.test_pipeline import contact, identify, upsert_calls
 
 OAUTH_SECRET = "oauth-Cl1ent-Secret-7f3a"
 
@@ -33,6 +33,7 @@ REQUIRED_FAMILIES = [
     "emarsys_stream_emarsys_429_total",
     "emarsys_stream_emarsys_dead_letters_total",
     "emarsys_stream_consumer_lag",
+    "emarsys_stream_emarsys_minimum_calls_total",
 ]
 
 
@@ -97,6 +98,13 @@ async def test_metrics_families_lag_and_json_logs(deployment_factory: Any, simul
     assert re.search(r'emarsys_stream_events_in_total\{type="identify"\} 2[01]\.0', text), text
     assert "emarsys_stream_duplicates_total 1.0" in text
     assert 'emarsys_stream_events_invalid_total{reason="invalid_json"} 1.0' in text
+    # Fewer than batch_size contacts per flush: every flush could do no better than the
+    # one call it made, so the minimum equals the upsert calls the simulator received.
+    minimum = re.search(
+        r'emarsys_stream_emarsys_minimum_calls_total\{endpoint="contact.upsert"\} (\S+)', text
+    )
+    assert minimum is not None, text
+    assert float(minimum.group(1)) == len(upsert_calls(simulator)) >= 1
 
     lag_re = re.compile(
         r'emarsys_stream_consumer_lag\{partition="(\d+)",topic="' + re.escape(dep.ingest_topic)
