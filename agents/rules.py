@@ -3,11 +3,14 @@
 Reads ``contact-events`` (keyed by primary key, so the ``rule_state`` table is
 co-partitioned with the users table). Pure matching lives in :mod:`app.rules`.
 
-Event time: the worker's clock is the highest event ``timestamp`` it has seen; the
-watermark is that minus ``rule_engine.allowed_lateness``. When no event arrives for
-``rule_engine.idle_timeout`` the clock moves on with wall time, so a trailing "did not
-happen" step fires even if nobody sends anything (FLINK-15160). During a replay
-events keep flowing, so history is judged by its own timestamps, never by wall time.
+Event time: see :mod:`app.rules.clock` (per-source watermarks minus
+``rule_engine.allowed_lateness``). When no event arrives for ``rule_engine.idle_timeout``
+and the consumer group has nothing left to read on the topics feeding the rules (checked
+with the brokers every second, :mod:`app.group_backlog`), the clock moves on with wall
+time, so a trailing "did not happen" step fires even if nobody sends anything
+(FLINK-15160). Silence during a rebalance, a restart or a backlog is not idleness: the
+clock holds. During a replay events keep flowing, so history is judged by its own
+timestamps, never by wall time.
 
 Timers are messages: when a contact's next deadline passes, the timer loop sends
 ``{kind: "timer"}`` for it to ``contact-events``; the agent handles it like an event
@@ -29,71 +32,16 @@ import orjson
 from agents.emit import send_json
 from app.durations import parse_duration
 from app.rules import RuleEngine, RuleMatch, parse_rules, trigger_id
+from app.rules.clock import EventClock
 from tables.codec import loads
 from tables.view import TableView
 
 if TYPE_CHECKING:
     from app.faust_app import Runtime
 
-__all__ = ["register", "EventClock"]
+__all__ = ["register"]
 
 log = logging.getLogger("emarsys_stream.rules")
-
-
-class EventClock:
-    """The worker's event-time clock (see module docstring).
-
-    Like Flink's per-source watermarks: the highest event time is tracked per ingest
-    partition and path (events carry their ``source`` and ``path``), and the clock is
-    the lowest of those
-    among partitions that delivered something within ``idle_timeout``. Partitions of
-    an unkeyed Segment topic advance at different speeds; taking the minimum keeps
-    one fast partition from making the others' events late. When every partition is
-    idle the clock follows wall time from the newest event.
-    """
-
-    def __init__(self, lateness_ms: int, idle_timeout_s: float) -> None:
-        self.lateness_ms = lateness_ms
-        self.idle_timeout_s = idle_timeout_s
-        self.max_ts: dict[Any, int] = {}
-        self.last_arrival: dict[Any, float] = {}
-        self._restored: int | None = None
-        self._last_watermark: int | None = None
-
-    def observe(self, ts_ms: int, source: Any = None) -> None:
-        if ts_ms > self.max_ts.get(source, -(2**62)):
-            self.max_ts[source] = ts_ms
-        self.last_arrival[source] = time.monotonic()
-
-    def restore(self, ts_ms: int) -> None:
-        """Event time known from state after a restart (before any event arrives)."""
-        if self._restored is None or ts_ms > self._restored:
-            self._restored = ts_ms
-
-    def watermark(self) -> int | None:
-        now = time.monotonic()
-        if self.max_ts:
-            active = [
-                ts for src, ts in self.max_ts.items()
-                if now - self.last_arrival[src] < self.idle_timeout_s
-            ]
-            if active:
-                base = min(active)
-            else:
-                newest = max(self.last_arrival.values())
-                base = max(self.max_ts.values()) + int((now - newest) * 1000)
-        elif self._restored is not None:
-            # Restarted with pending state and no traffic yet: follow wall time.
-            base = self._restored + int((now - self._started) * 1000)
-        else:
-            return None
-        wm = base - self.lateness_ms
-        if self._last_watermark is not None and wm < self._last_watermark:
-            return self._last_watermark  # never goes back
-        self._last_watermark = wm
-        return wm
-
-    _started = time.monotonic()
 
 
 def _iso(ts_ms: int) -> str:
@@ -110,6 +58,8 @@ def register(rt: Runtime) -> None:
     deadlines: dict[str, int] = {}  # primary key -> next deadline (event time, ms)
     key_id = str(s.identity.primary_key.field_id)
     table = rt.tables.rule_state
+    # Latest answer of the backlog probe; until it answers, silence is not idleness.
+    group = {"caught_up": False}
     m = rt.metrics
     topics = rt.topics
 
@@ -169,9 +119,13 @@ def register(rt: Runtime) -> None:
             late: list[tuple[str, dict[str, Any]]] = []
             for pk, msg in items:
                 kind = msg.get("kind")
-                wm = clock.watermark()
+                wm = clock.watermark(caught_up=group["caught_up"])
                 if wm is None:
-                    continue
+                    if kind != "event":
+                        continue  # a timer before this worker saw any event: nothing due
+                    # Only released held events so far (they never move the clock):
+                    # judge this one by its own time rather than skip it.
+                    wm = int(msg["ts"]) - ruleset.allowed_lateness_ms
                 state = view.get(pk)
                 if kind == "event":
                     event = msg["event"]
@@ -222,7 +176,7 @@ def register(rt: Runtime) -> None:
             if assigned and recovered and changed:
                 _rebuild(table, engine, clock, deadlines)
                 rebuilt_for = assigned
-            wm = clock.watermark()
+            wm = clock.watermark(caught_up=group["caught_up"])
             if wm is None:
                 continue
             due = [pk for pk, d in deadlines.items() if d <= wm]
@@ -233,6 +187,44 @@ def register(rt: Runtime) -> None:
                     pk,
                     {"kind": "timer", "primary_key": pk, "watermark_ms": wm},
                 )
+
+
+    @rt.app.task
+    async def probe_group_backlog() -> None:
+        """Keep ``group["caught_up"]`` current (see :mod:`app.group_backlog`)."""
+        from app.group_backlog import GroupBacklog
+        from app.replay import kafka_client_options
+
+        try:
+            probe = GroupBacklog(
+                s.kafka.app_id,
+                [topics.ingest.get_topic_name(), topics.identity.get_topic_name(),
+                 topics.contact_events.get_topic_name()],
+                kafka_client_options(s),
+            )
+            await probe.start()
+        except Exception as exc:  # noqa: BLE001
+            log.warning("group backlog probe unavailable (%s); idle clock uses local "
+                        "silence only", exc)
+            group["caught_up"] = True
+            return
+        failing = False
+        try:
+            while not rt.app.should_stop:
+                try:
+                    group["caught_up"] = await probe.measure() == 0
+                    failing = False
+                except Exception as exc:  # noqa: BLE001
+                    if not failing:
+                        # Without the probe, fall back to local idleness (the clock may
+                        # then run ahead during a rebalance); say so once.
+                        log.warning("group backlog probe failed (%s); idle clock uses "
+                                    "local silence only until it recovers", exc)
+                    failing = True
+                    group["caught_up"] = True
+                await asyncio.sleep(1.0)
+        finally:
+            await probe.stop()
 
 
 def engine_settings(rule_engine: dict[str, Any]) -> dict[str, Any]:

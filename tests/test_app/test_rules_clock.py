@@ -1,0 +1,73 @@
+"""The rules event clock: per-source minimum, idleness only when the group is caught up."""
+
+from __future__ import annotations
+
+from app.rules.clock import EventClock
+
+
+class FakeMonotonic:
+    def __init__(self) -> None:
+        self.t = 1000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def clock(lateness_ms: int = 1000, idle_s: float = 2.0) -> tuple[EventClock, FakeMonotonic]:
+    mono = FakeMonotonic()
+    return EventClock(lateness_ms, idle_s, monotonic=mono), mono
+
+
+def test_nothing_seen_means_no_watermark() -> None:
+    c, _ = clock()
+    assert c.watermark() is None
+
+
+def test_active_sources_give_the_lowest_minus_lateness() -> None:
+    c, _ = clock()
+    c.observe(50_000, "p0")
+    c.observe(20_000, "p1")
+    c.observe(40_000, "p1")  # per source, the highest time counts
+    assert c.watermark() == 40_000 - 1000
+
+
+def test_idle_and_caught_up_follows_wall_time_from_the_newest_event() -> None:
+    c, mono = clock()
+    c.observe(50_000, "p0")
+    mono.t += 5.0  # idle for 5 s > idle_timeout
+    assert c.watermark(caught_up=True) == 50_000 + 5000 - 1000
+
+
+def test_silence_with_a_backlog_is_not_idleness_the_clock_holds() -> None:
+    # A rebalance or restart: no events for longer than idle_timeout, but the group
+    # still has records to read. Following wall time would make them late.
+    c, mono = clock()
+    c.observe(50_000, "p0")
+    c.observe(30_000, "p1")
+    mono.t += 8.0
+    assert c.watermark(caught_up=False) == 30_000 - 1000
+    mono.t += 60.0
+    assert c.watermark(caught_up=False) == 30_000 - 1000
+    # The backlog arrives with its old timestamps: not late.
+    c.observe(30_500, "p1")
+    c.observe(50_100, "p0")
+    assert c.watermark(caught_up=False) == 30_500 - 1000
+
+
+def test_restored_time_follows_wall_time_only_once_caught_up() -> None:
+    c, mono = clock()
+    c.restore(70_000)
+    assert c.watermark(caught_up=False) == 70_000 - 1000
+    mono.t += 10.0
+    assert c.watermark(caught_up=False) == 70_000 - 1000  # restarted with a backlog: hold
+    assert c.watermark(caught_up=True) == 70_000 + 10_000 - 1000  # nothing to read: move
+
+
+def test_never_goes_back() -> None:
+    c, mono = clock()
+    c.observe(50_000, "p0")
+    mono.t += 5.0
+    high = c.watermark(caught_up=True)
+    assert high == 54_000
+    c.observe(10_000, "p9")  # a slow new source appears
+    assert c.watermark(caught_up=True) == high
