@@ -58,6 +58,7 @@ __all__ = [
     "CallResult",
     "EmarsysClient",
     "OnAttempt",
+    "OnRetry",
 ]
 
 logger = logging.getLogger("emarsys_stream.emarsys")
@@ -68,6 +69,10 @@ MAX_LIST_IDS_PER_CALL = 10_000
 #: ``on_attempt(endpoint, status_or_reason, latency_seconds)``; ``status_or_reason`` is the HTTP
 #: status as a string ("200", "429", ...) or "timeout" / "connection" / "auth".
 OnAttempt = Callable[[str, str, float], None]
+#: ``on_retry(endpoint, reason)``, called when a retry is decided (before its back-off), so
+#: metrics move during a long outage instead of only when the call finally finishes.
+#: ``reason`` is "5xx", "429", "timeout", "connection", "invalid_response" or "401".
+OnRetry = Callable[[str, str], None]
 
 
 @dataclass
@@ -112,6 +117,7 @@ class EmarsysClient:
         max_attempts: int | None = None,
         session: aiohttp.ClientSession | None = None,
         on_attempt: OnAttempt | None = None,
+        on_retry: OnRetry | None = None,
         limiter: RateLimiter | None = None,
         backoff_base: float = 0.5,
         rng: random.Random | None = None,
@@ -131,6 +137,7 @@ class EmarsysClient:
         self.max_attempts = max_attempts
         self.backoff_base = float(backoff_base)
         self.on_attempt = on_attempt
+        self.on_retry = on_retry
         self._rng = rng or random.Random()
         self._session = session
         self._owns_session = session is None
@@ -277,6 +284,7 @@ class EmarsysClient:
                             return self._finish(result, started, permanent=True, log_ctx=log_ctx)
                         unauthorized_retried = True
                         result.retries_by_reason["401"] += 1
+                        self._report_retry(endpoint, "401")
                         logger.warning(
                             "emarsys call unauthorized; refreshing credentials and retrying once",
                             extra={**log_ctx, "status": 401, "attempt": attempt},
@@ -298,6 +306,7 @@ class EmarsysClient:
             if last_attempt:
                 return self._finish(result, started, permanent=False, log_ctx=log_ctx)
             result.retries_by_reason[reason] += 1
+            self._report_retry(endpoint, reason)
             failures += 1
             wait_reset = None if reset_at is None else reset_at - time.time()
             if wait_reset is not None and wait_reset > 0:
@@ -325,6 +334,14 @@ class EmarsysClient:
     def _backoff(self, failures: int) -> float:
         ceiling = min(self.max_backoff, self.backoff_base * (2 ** min(failures - 1, 62)))
         return self._rng.uniform(0.0, ceiling)
+
+    def _report_retry(self, endpoint: str, reason: str) -> None:
+        if self.on_retry is None:
+            return
+        try:
+            self.on_retry(endpoint, reason)
+        except Exception:  # a metrics hook must never break a call
+            logger.exception("emarsys on_retry hook failed", extra={"endpoint": endpoint})
 
     def _report(self, endpoint: str, status_or_reason: str, latency: float) -> None:
         if self.on_attempt is None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from app.emarsys.auth import Authenticator, OAuth2Authenticator, WsseAuthenticator
-from app.emarsys.client import EmarsysClient
+from app.emarsys.client import EmarsysClient, OnRetry
 from app.settings import WsseAuth
 
 if TYPE_CHECKING:
@@ -14,7 +14,9 @@ if TYPE_CHECKING:
 __all__ = ["emarsys_client_from_settings"]
 
 
-def emarsys_client_from_settings(settings: Settings) -> EmarsysClient:
+def emarsys_client_from_settings(
+    settings: Settings, *, on_retry: OnRetry | None = None
+) -> EmarsysClient:
     e = settings.emarsys
     auth = e.auth
     authenticator: Authenticator
@@ -31,4 +33,5 @@ def emarsys_client_from_settings(settings: Settings) -> EmarsysClient:
         requests_per_minute=e.requests_per_minute,
         request_timeout=e.request_timeout,
         max_backoff=e.max_retry_backoff,
+        on_retry=on_retry,
     )

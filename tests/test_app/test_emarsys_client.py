@@ -337,6 +337,23 @@ async def test_5xx_retried_then_success_and_hook(
     assert len(fake.requests) == 3
 
 
+async def test_on_retry_is_called_live_for_each_retry(
+    fake: FakeEmarsys, make_client: ClientFactory
+) -> None:
+    # Each retry is reported when it is decided, i.e. while the call is still going on
+    # (requests seen by the server so far), not once at the end.
+    seen: list[tuple[str, str, int]] = []
+    fake.push(Reply(status=503), Reply(status=429), Reply(status=401))
+    client = await make_client(on_retry=lambda e, r: seen.append((e, r, len(fake.requests))))
+    result = await client.upsert_contacts("3", [{"3": "a"}])
+    assert result.ok and result.attempts == 4
+    assert seen == [
+        ("contact.upsert", "5xx", 1),
+        ("contact.upsert", "429", 2),
+        ("contact.upsert", "401", 3),
+    ]
+
+
 async def test_hook_exception_does_not_break_call(
     fake: FakeEmarsys, make_client: ClientFactory
 ) -> None:
