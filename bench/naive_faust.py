@@ -49,6 +49,7 @@ __all__ = [
     "faust_settings",
     "naive_argv",
     "naive_key",
+    "parse",
     "read_status",
     "repartition_topic",
     "table_value",
