@@ -990,6 +990,7 @@ async def _run_with(
         raise BenchError("; ".join(f"{run['label']}: {run['error']}" for run in done))
     for run in good:
         run["pipeline"]["ratio_to_naive"] = _ratio(run["pipeline"]["events_per_s"], naive_rate)
+        run["pipeline"]["cpu_ratio_to_naive"] = _cpu_ratio_to_naive(run, result.get("naive"))
 
     with contextlib.suppress(OSError):
         result["machine"]["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
@@ -1008,6 +1009,17 @@ async def _run_with(
 def _ratio(value: float | None, reference: float | None) -> float | None:
     """value / reference, rounded; None if either is missing or zero."""
     return None if not value or not reference else round(value / reference, 4)
+
+
+def _cpu_ratio_to_naive(run: dict[str, Any], naive: dict[str, Any] | None) -> float | None:
+    """Events per CPU second of the worker(s) / of the naive app, both from ready to the end
+    of their clock (same events: naive CPU s / worker CPU s). None if a figure is missing."""
+    if not naive or "error" in naive:
+        return None
+    ours = run["worker"].get("cpu_seconds_ready_to_all_contacts") or []
+    if not ours or any(v is None for v in ours):
+        return None
+    return _ratio(naive.get("cpu_seconds_ready_to_all_processed"), sum(ours))
 
 
 def _variants(opts: PipelineOptions, rules: list[dict[str, Any]]) -> list[_Variant]:
@@ -1898,6 +1910,7 @@ def _naive_headline_rows(result: dict[str, Any]) -> list[tuple[str, str]]:
         ("naive two-hop Faust, events/s (1 process)", _num(n["events_per_s"])),
         # The target is one worker against the naive app (one process each).
         (label, _times(p.get("ratio_to_naive"), TARGET_NAIVE_RATIO if workers == 1 else None)),
+        ("  the same by events per CPU second", _times(p.get("cpu_ratio_to_naive"))),
     ]
 
 

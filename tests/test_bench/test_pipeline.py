@@ -21,6 +21,7 @@ from bench.pipeline import (
     BenchError,
     PipelineOptions,
     _comparison,
+    _cpu_ratio_to_naive,
     _ratio,
     _size_stats,
     _variants,
@@ -369,6 +370,24 @@ def test_table_shows_the_naive_reference_and_the_ratio_to_it() -> None:
     assert _row(format_table(result), "ratio pipeline / naive").endswith(
         "0.50x (target >= 3.5x: not met)"
     )
+
+
+def test_cpu_ratio_to_naive_compares_cpu_seconds_for_the_same_events() -> None:
+    run = _run("", APP_ID, rules=False, eps=1500)
+    naive = _naive(3000)  # 6.5 CPU s from ready until every event was in its table
+    run["worker"]["cpu_seconds_ready_to_all_contacts"] = [13.0]
+    assert _cpu_ratio_to_naive(run, naive) == 0.5
+    run["worker"]["cpu_seconds_ready_to_all_contacts"] = [2.0, 1.25]  # two workers: the sum
+    assert _cpu_ratio_to_naive(run, naive) == 2.0
+    run["worker"]["cpu_seconds_ready_to_all_contacts"] = [2.0, None]
+    assert _cpu_ratio_to_naive(run, naive) is None
+    assert _cpu_ratio_to_naive(run, None) is None
+    assert _cpu_ratio_to_naive(run, {"error": "x"}) is None
+    run["worker"]["cpu_seconds_ready_to_all_contacts"] = [3.25]
+    run["pipeline"]["cpu_ratio_to_naive"] = _cpu_ratio_to_naive(run, naive)
+    result = _result(run)
+    result["naive"] = naive
+    assert _row(format_table(result), "  the same by events per CPU second").endswith("2.00x")
 
 
 def test_table_without_or_with_a_failed_naive_reference() -> None:
