@@ -832,6 +832,9 @@ async def _run_with(
             "rules_settle": opts.rules_settle if shop else None,
             "naive": opts.naive,
             "compare_workers": opts.compare_workers,
+            "compare_worker_counts": list(opts.compare_worker_counts)
+            if opts.compare_workers
+            else None,
         },
         "machine": _machine_facts(),
         "code": _code_version(),
