@@ -8,6 +8,9 @@ One run (see bench/README.md):
    *before* any worker runs, so the worker works off a backlog;
 3. baseline: read the same topic with a plain aiokafka consumer (``group_id=None``,
    every partition, to the end) and ``orjson.loads`` every value;
+   second reference (unless ``naive=False``): the naive two-hop Faust app of
+   :mod:`bench.naive_faust` on the same topic (own group, repartition topic and table),
+   timed from its ``/health`` = 200 until its table agent has written every event;
 4. start the worker(s) (``python -m app.cli worker --config ...``), wait for
    ``GET /health`` = 200 ("ready"), then measure until the simulator holds every expected
    contact, until the ingest topic is fully committed by the app's consumer group and
@@ -20,7 +23,8 @@ measurement the run counts the records on ``<prefix>.rule-matches``, the distinc
 the simulator received and the size of every contact's rule state (the latest value per key
 of ``<app_id>-rule_state-changelog``). ``compare_rules``: two workers one after the other on
 the same ingest topic, without and with the rules, each with its own app id (consumer group,
-changelogs) and topic prefix; the simulator is reset in between.
+changelogs) and topic prefix; the simulator is reset in between. ``compare_workers``: the
+same with 1 worker, then ``max(2, workers)`` workers.
 
 Every process this module starts runs in its own session and is stopped (SIGTERM, then
 SIGKILL) on exit, on errors and on Ctrl-C.
