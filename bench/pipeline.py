@@ -997,7 +997,7 @@ async def _run_with(
         raise BenchError("; ".join(f"{run['label']}: {run['error']}" for run in done))
     for run in good:
         run["pipeline"]["ratio_to_naive"] = _ratio(run["pipeline"]["events_per_s"], naive_rate)
-        run["pipeline"]["cpu_ratio_to_naive"] = _cpu_ratio_to_naive(run, result.get("naive"))
+        run["pipeline"].update(_secondary_ratios_to_naive(run, result.get("naive")))
 
     with contextlib.suppress(OSError):
         result["machine"]["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
@@ -1018,15 +1018,32 @@ def _ratio(value: float | None, reference: float | None) -> float | None:
     return None if not value or not reference else round(value / reference, 4)
 
 
-def _cpu_ratio_to_naive(run: dict[str, Any], naive: dict[str, Any] | None) -> float | None:
-    """Events per CPU second of the worker(s) / of the naive app, both from ready to the end
-    of their clock (same events: naive CPU s / worker CPU s). None if a figure is missing."""
+def _secondary_ratios_to_naive(
+    run: dict[str, Any], naive: dict[str, Any] | None
+) -> dict[str, float | None]:
+    """Two more ways to compare a worker run with the naive app (None where a figure is
+    missing); > 1 means the worker is faster. Both count all the work of every event:
+
+    - ``drained_ratio_to_naive``: naive ready -> repartition topic committed / worker ready
+      -> every agent topic drained (both from committed offsets, polled the same way). The
+      headline clock stops when the simulator has every contact, which can be before the
+      worker has processed every event (events of people without an email never reach
+      Emarsys);
+    - ``cpu_ratio_to_naive``: events per CPU second: naive CPU s / worker CPU s (summed over
+      workers), both from ready to the end of their measurement (= drained / committed);
+      less sensitive than wall time to other load on the machine.
+    """
+    out: dict[str, float | None] = {"drained_ratio_to_naive": None, "cpu_ratio_to_naive": None}
     if not naive or "error" in naive:
-        return None
-    ours = run["worker"].get("cpu_seconds_ready_to_all_contacts") or []
-    if not ours or any(v is None for v in ours):
-        return None
-    return _ratio(naive.get("cpu_seconds_ready_to_all_processed"), sum(ours))
+        return out
+    out["drained_ratio_to_naive"] = _ratio(
+        naive.get("seconds_to_repartition_committed"),
+        run["pipeline"].get("seconds_to_all_topics_drained"),
+    )
+    ours = run["worker"].get("cpu_seconds_after_ready") or []
+    if ours and all(v is not None for v in ours):
+        out["cpu_ratio_to_naive"] = _ratio(naive.get("cpu_seconds_after_ready"), sum(ours))
+    return out
 
 
 def _variants(opts: PipelineOptions, rules: list[dict[str, Any]]) -> list[_Variant]:
@@ -1917,7 +1934,8 @@ def _naive_headline_rows(result: dict[str, Any]) -> list[tuple[str, str]]:
         ("naive two-hop Faust, events/s (1 process)", _num(n["events_per_s"])),
         # The target is one worker against the naive app (one process each).
         (label, _times(p.get("ratio_to_naive"), TARGET_NAIVE_RATIO if workers == 1 else None)),
-        ("  the same by events per CPU second", _times(p.get("cpu_ratio_to_naive"))),
+        ("  by time until all work is committed", _times(p.get("drained_ratio_to_naive"))),
+        ("  by events per CPU second", _times(p.get("cpu_ratio_to_naive"))),
     ]
 
 

@@ -21,8 +21,8 @@ from bench.pipeline import (
     BenchError,
     PipelineOptions,
     _comparison,
-    _cpu_ratio_to_naive,
     _ratio,
+    _secondary_ratios_to_naive,
     _size_stats,
     _variants,
     format_table,
@@ -372,22 +372,35 @@ def test_table_shows_the_naive_reference_and_the_ratio_to_it() -> None:
     )
 
 
-def test_cpu_ratio_to_naive_compares_cpu_seconds_for_the_same_events() -> None:
+def test_secondary_ratios_to_naive_count_all_the_work_of_every_event() -> None:
     run = _run("", APP_ID, rules=False, eps=1500)
-    naive = _naive(3000)  # 6.5 CPU s from ready until every event was in its table
-    run["worker"]["cpu_seconds_ready_to_all_contacts"] = [13.0]
-    assert _cpu_ratio_to_naive(run, naive) == 0.5
-    run["worker"]["cpu_seconds_ready_to_all_contacts"] = [2.0, 1.25]  # two workers: the sum
-    assert _cpu_ratio_to_naive(run, naive) == 2.0
-    run["worker"]["cpu_seconds_ready_to_all_contacts"] = [2.0, None]
-    assert _cpu_ratio_to_naive(run, naive) is None
-    assert _cpu_ratio_to_naive(run, None) is None
-    assert _cpu_ratio_to_naive(run, {"error": "x"}) is None
-    run["worker"]["cpu_seconds_ready_to_all_contacts"] = [3.25]
-    run["pipeline"]["cpu_ratio_to_naive"] = _cpu_ratio_to_naive(run, naive)
+    naive = _naive(3000)  # repartition committed 8.2 s after ready; 6.6 CPU s to its end
+    run["pipeline"]["seconds_to_all_topics_drained"] = 16.4
+    run["worker"]["cpu_seconds_ready_to_all_contacts"] = [1.0]  # not this one: not all work
+    run["worker"]["cpu_seconds_after_ready"] = [13.2]
+    assert _secondary_ratios_to_naive(run, naive) == {
+        "drained_ratio_to_naive": 0.5,
+        "cpu_ratio_to_naive": 0.5,
+    }
+    run["worker"]["cpu_seconds_after_ready"] = [2.0, 1.3]  # two workers: the sum
+    assert _secondary_ratios_to_naive(run, naive)["cpu_ratio_to_naive"] == 2.0
+    run["worker"]["cpu_seconds_after_ready"] = [2.0, None]
+    run["pipeline"]["seconds_to_all_topics_drained"] = None  # never drained
+    assert _secondary_ratios_to_naive(run, naive) == {
+        "drained_ratio_to_naive": None,
+        "cpu_ratio_to_naive": None,
+    }
+    none = {"drained_ratio_to_naive": None, "cpu_ratio_to_naive": None}
+    assert _secondary_ratios_to_naive(run, None) == none
+    assert _secondary_ratios_to_naive(run, {"error": "x"}) == none
+    run["worker"]["cpu_seconds_after_ready"] = [3.3]
+    run["pipeline"]["seconds_to_all_topics_drained"] = 4.1
+    run["pipeline"].update(_secondary_ratios_to_naive(run, naive))
     result = _result(run)
     result["naive"] = naive
-    assert _row(format_table(result), "  the same by events per CPU second").endswith("2.00x")
+    text = format_table(result)
+    assert _row(text, "  by time until all work is committed").endswith("2.00x")
+    assert _row(text, "  by events per CPU second").endswith("2.00x")
 
 
 def test_table_without_or_with_a_failed_naive_reference() -> None:
