@@ -33,7 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="end-to-end throughput: ingest topic backlog -> worker -> Emarsys simulator",
         description="Produce N Segment events, then time one worker from ready until the "
         "Emarsys simulator holds every expected contact; compare with a raw aiokafka "
-        "consume + orjson.loads of the same topic.",
+        "consume + orjson.loads of the same topic and with a naive two-hop Faust pipeline "
+        "on the same topic.",
     )
     p.add_argument(
         "--events",
@@ -92,6 +93,21 @@ def build_parser() -> argparse.ArgumentParser:
         f"prefix each): without rules, then with --rules N (N={COMPARE_RULES} if not given)",
     )
     p.add_argument(
+        "--no-naive",
+        dest="naive",
+        action="store_false",
+        help="skip the naive two-hop Faust reference (bench.naive_faust: ingest -> re-key by "
+        "email with await topic.send() per event -> table write per event, tuned settings, "
+        "own consumer group), which otherwise runs on the same ingest topic before the worker",
+    )
+    p.add_argument(
+        "--compare-workers",
+        action="store_true",
+        help="run the same input twice, one after the other (own app id, topics and state "
+        "each): 1 worker, then --workers workers (2 if not given); prints both rates and "
+        "their ratio",
+    )
+    p.add_argument(
         "--rules-settle",
         type=float,
         default=5.0,
@@ -147,6 +163,9 @@ def main(argv: list[str] | None = None) -> int:
     if not 0 <= rules <= MAX_RULES:
         print(f"bench: --rules must be 0..{MAX_RULES}", file=sys.stderr)
         return 2
+    if args.compare_rules and args.compare_workers:
+        print("bench: --compare-rules and --compare-workers do not combine", file=sys.stderr)
+        return 2
     opts = PipelineOptions(
         events=events,
         contacts=contacts,
@@ -167,6 +186,8 @@ def main(argv: list[str] | None = None) -> int:
         rules=rules,
         compare_rules=args.compare_rules,
         rules_settle=args.rules_settle,
+        naive=args.naive,
+        compare_workers=args.compare_workers,
     )
     try:
         return run_pipeline(opts)

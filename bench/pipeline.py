@@ -8,6 +8,9 @@ One run (see bench/README.md):
    *before* any worker runs, so the worker works off a backlog;
 3. baseline: read the same topic with a plain aiokafka consumer (``group_id=None``,
    every partition, to the end) and ``orjson.loads`` every value;
+   second reference (unless ``naive=False``): the naive two-hop Faust app of
+   :mod:`bench.naive_faust` on the same topic (own group, repartition topic and table),
+   timed from its ``/health`` = 200 until its table agent has written every event;
 4. start the worker(s) (``python -m app.cli worker --config ...``), wait for
    ``GET /health`` = 200 ("ready"), then measure until the simulator holds every expected
    contact, until the ingest topic is fully committed by the app's consumer group and
@@ -20,7 +23,8 @@ measurement the run counts the records on ``<prefix>.rule-matches``, the distinc
 the simulator received and the size of every contact's rule state (the latest value per key
 of ``<app_id>-rule_state-changelog``). ``compare_rules``: two workers one after the other on
 the same ingest topic, without and with the rules, each with its own app id (consumer group,
-changelogs) and topic prefix; the simulator is reset in between.
+changelogs) and topic prefix; the simulator is reset in between. ``compare_workers``: the
+same with 1 worker, then ``max(2, workers)`` workers.
 
 Every process this module starts runs in its own session and is stopped (SIGTERM, then
 SIGKILL) on exit, on errors and on Ctrl-C.
@@ -30,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import math
 import os
 import platform
@@ -52,6 +57,14 @@ import yaml
 
 from app.broker import EmbeddedBroker, free_port, wait_for_port
 from bench.generate import GeneratedEvents, build_rules, generate_events, rule_time_unit
+from bench.naive_faust import (
+    NaiveSettings,
+    NaiveStatus,
+    count_keys,
+    naive_argv,
+    read_status,
+    repartition_topic,
+)
 
 __all__ = ["BenchError", "PipelineOptions", "run_pipeline"]
 
@@ -62,6 +75,11 @@ SECRET_ENV = "BENCH_EMARSYS_SECRET"
 APP_ID = "emarsys-bench"
 TOPIC_PREFIX = "bench"
 INGEST_TOPIC = "bench.events"
+#: The naive two-hop Faust reference (:mod:`bench.naive_faust`): its consumer group / app id.
+NAIVE_APP_ID = f"{APP_ID}-naive"
+#: Issue 5 targets, printed next to the measured ratios.
+TARGET_NAIVE_RATIO = 3.5
+TARGET_TWO_WORKERS_RATIO = 1.6
 #: Topics the agents consume (besides the ingest topic), as ``settings.topic(name)`` names.
 AGENT_TOPICS = ("identity", "contact-events", "emarsys-operations")
 #: With rules: a topic is drained when its committed offsets reach the end it had this many
@@ -109,6 +127,16 @@ class PipelineOptions:
     rules_settle: float = 5.0
     """Seconds the worker keeps running after the measurement before the rule figures are
     read (trailing absences keep firing as the idle event clock follows wall time)."""
+    naive: bool = True
+    """Also measure the naive two-hop Faust pipeline (:mod:`bench.naive_faust`) on the
+    same ingest topic, before the worker(s)."""
+    compare_workers: bool = False
+    """Run the same input with 1 worker, then with ``workers`` (at least 2) workers."""
+
+    @property
+    def compare_worker_counts(self) -> tuple[int, int]:
+        """``compare_workers``: the worker counts of the two runs."""
+        return 1, max(2, self.workers)
 
 
 # ------------------------------------------------------------------------------ processes
@@ -375,6 +403,43 @@ def worker_config(
     for dotted, value in opts.overrides.items():
         _set_dotted(cfg, dotted, value)
     return cfg
+
+
+def naive_settings(
+    opts: PipelineOptions,
+    bootstrap: str,
+    web_port: int,
+    work_dir: Path,
+    expected: int,
+) -> NaiveSettings:
+    """The naive Faust app's settings for this run: the tuned settings of
+    broker-and-baselines.md, which are the worker's defaults (``take(2000, within=0.05)``,
+    ``max_poll_records`` 10,000, ``stream_buffer_maxsize`` 65,536), and every other
+    Faust/aiokafka setting as the worker has it, ``--set worker.*`` included."""
+    from app.settings import WorkerSettings
+
+    cfg = worker_config(opts, bootstrap, "http://127.0.0.1:1/", web_port, work_dir)
+    w = WorkerSettings.model_validate(cfg.get("worker") or {})
+    return NaiveSettings(
+        bootstrap=bootstrap,
+        topic=INGEST_TOPIC,
+        app_id=NAIVE_APP_ID,
+        partitions=opts.partitions,
+        expected=expected,
+        store=opts.store,
+        data_dir=str(work_dir / "naive"),
+        web_port=web_port,
+        status_file=str(work_dir / "naive-status.json"),
+        take_max=w.batch_max,
+        take_within=w.batch_within,
+        max_poll_records=w.max_poll_records,
+        stream_buffer_maxsize=w.stream_buffer_maxsize,
+        session_timeout=w.session_timeout,
+        heartbeat_interval=w.heartbeat_interval,
+        commit_interval=w.commit_interval,
+        producer_linger_ms=w.producer_linger_ms,
+        producer_max_batch_size=w.producer_max_batch_size,
+    )
 
 
 def _parse_metrics(text: str) -> dict[str, float]:
@@ -655,6 +720,12 @@ class _Worker:
     ready_at: float | None = None
     peak_rss_kb: int = 0
     cpu_at_ready: float | None = None
+    label: str = ""
+    """How logs name it ("worker <index>" if empty)."""
+
+    @property
+    def name(self) -> str:
+        return self.label or f"worker {self.index}"
 
 
 async def _get_json(session: aiohttp.ClientSession, url: str, timeout: float = 30.0) -> Any:
@@ -688,8 +759,7 @@ class _WorkerDied(BenchError):
     def __init__(self, worker: _Worker) -> None:
         self.worker = worker
         super().__init__(
-            f"worker {worker.index} (pid {worker.proc.pid}) exited with code "
-            f"{worker.proc.popen.returncode}"
+            f"{worker.name} (pid {worker.proc.pid}) exited with code {worker.proc.popen.returncode}"
         )
 
 
@@ -728,10 +798,12 @@ class _Variant:
     """One worker run on the shared ingest topic."""
 
     label: str
-    """"" for a single run; "without rules" / "with rules" with ``compare_rules``."""
+    """"" for a single run; "without rules" / "with rules" with ``compare_rules``,
+    "1 worker" / "2 workers" with ``compare_workers``."""
     app_id: str
     topic_prefix: str
     rules: list[dict[str, Any]]
+    workers: int = 1
 
     @property
     def slug(self) -> str:
@@ -762,6 +834,11 @@ async def _run_with(
             "compare_rules": opts.compare_rules,
             "rule_engine": opts.rule_engine if shop else None,
             "rules_settle": opts.rules_settle if shop else None,
+            "naive": opts.naive,
+            "compare_workers": opts.compare_workers,
+            "compare_worker_counts": list(opts.compare_worker_counts)
+            if opts.compare_workers
+            else None,
         },
         "machine": _machine_facts(),
         "code": _code_version(),
@@ -840,6 +917,7 @@ async def _run_with(
     _log(f"produced {n_events:,} events in {produce_s:.2f}s ({n_events / produce_s:,.0f}/s)")
     expected_fields = gen.expected_fields
     expected_emails = gen.expected_emails
+    naive_keys = count_keys(gen.events) if opts.naive else 0
     del gen  # the raw events are on the topic now; free the memory
 
     runs: list[float] = []
@@ -856,47 +934,141 @@ async def _run_with(
         f"(best of {len(runs)}: {', '.join(f'{s:.2f}s' for s in runs)})"
     )
 
-    # 4. worker run(s) --------------------------------------------------------------
-    if opts.compare_rules:
-        variants = [
-            _Variant("without rules", f"{APP_ID}-norules", f"{TOPIC_PREFIX}-norules", []),
-            _Variant("with rules", f"{APP_ID}-rules", f"{TOPIC_PREFIX}-rules", rules),
-        ]
-    else:
-        variants = [_Variant("", APP_ID, TOPIC_PREFIX, rules)]
+    # 4. the naive two-hop Faust reference ---------------------------------------------
+    naive_rate: float | None = None
+    if opts.naive:
+        try:
+            result["naive"] = await _naive_run(
+                opts,
+                procs,
+                tmp,
+                session,
+                bootstrap=bootstrap,
+                n_events=n_events,
+                expected_keys=naive_keys,
+                raw_rate=raw_rate,
+            )
+            naive_rate = result["naive"]["events_per_s"]
+        except BenchError as exc:  # the worker run(s) still count; the exit code is 1
+            _log(f"naive Faust reference FAILED: {exc}")
+            result["naive"] = {"app_id": NAIVE_APP_ID, "error": str(exc)}
+
+    # 5. worker run(s) --------------------------------------------------------------
+    variants = _variants(opts, rules)
     done: list[dict[str, Any]] = []
     for k, variant in enumerate(variants):
         if k:
             async with session.post(f"{sim_base}/_sim/reset") as resp:
                 resp.raise_for_status()
             _log(f"simulator reset; next run: {variant.label}")
-        done.append(
-            await _worker_run(
-                opts,
-                procs,
-                tmp,
-                session,
-                variant,
-                bootstrap=bootstrap,
-                sim_base=sim_base,
-                n_events=n_events,
-                expected_emails=expected_emails,
-                expected_fields=expected_fields,
-                raw_rate=raw_rate,
-                profile=k == len(variants) - 1,
+        try:
+            done.append(
+                await _worker_run(
+                    opts,
+                    procs,
+                    tmp,
+                    session,
+                    variant,
+                    bootstrap=bootstrap,
+                    sim_base=sim_base,
+                    n_events=n_events,
+                    expected_emails=expected_emails,
+                    expected_fields=expected_fields,
+                    raw_rate=raw_rate,
+                    profile=k == len(variants) - 1,
+                )
             )
-        )
+        except BenchError as exc:
+            if len(variants) == 1:
+                raise
+            # A comparison keeps the other run's figures (the exit code is 1).
+            _log(f"run {variant.label!r} FAILED: {exc}")
+            done.append(
+                {
+                    "label": variant.label,
+                    "app_id": variant.app_id,
+                    "topic_prefix": variant.topic_prefix,
+                    "workers": variant.workers,
+                    "error": str(exc),
+                }
+            )
+    good = [run for run in done if "error" not in run]
+    if not good:
+        raise BenchError("; ".join(f"{run['label']}: {run['error']}" for run in done))
+    for run in good:
+        run["pipeline"]["ratio_to_naive"] = _ratio(run["pipeline"]["events_per_s"], naive_rate)
+        run["pipeline"].update(_secondary_ratios_to_naive(run, result.get("naive")))
 
     with contextlib.suppress(OSError):
         result["machine"]["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
-    last = done[-1]
+    last = good[-1]
     for key in ("worker", "pipeline", "emarsys", "rules"):
         if key in last:
             result[key] = last[key]
-    if opts.compare_rules:
+    if len(variants) > 1:
         result["runs"] = done
-        result["comparison"] = _comparison(done[0], done[1])
+        result["comparison"] = _comparison(
+            done[0], done[1], kind="workers" if opts.compare_workers else "rules"
+        )
     return result
+
+
+def _ratio(value: float | None, reference: float | None) -> float | None:
+    """value / reference, rounded; None if either is missing or zero."""
+    return None if not value or not reference else round(value / reference, 4)
+
+
+def _secondary_ratios_to_naive(
+    run: dict[str, Any], naive: dict[str, Any] | None
+) -> dict[str, float | None]:
+    """Two more ways to compare a worker run with the naive app (None where a figure is
+    missing); > 1 means the worker is faster. Both count all the work of every event:
+
+    - ``drained_ratio_to_naive``: naive ready -> repartition topic committed / worker ready
+      -> every agent topic drained (both from committed offsets, polled the same way). The
+      headline clock stops when the simulator has every contact, which can be before the
+      worker has processed every event (events of people without an email never reach
+      Emarsys);
+    - ``cpu_ratio_to_naive``: events per CPU second: naive CPU s / worker CPU s (summed over
+      workers), both from ready to the end of their measurement (= drained / committed);
+      less sensitive than wall time to other load on the machine.
+    """
+    out: dict[str, float | None] = {"drained_ratio_to_naive": None, "cpu_ratio_to_naive": None}
+    if not naive or "error" in naive:
+        return out
+    out["drained_ratio_to_naive"] = _ratio(
+        naive.get("seconds_to_repartition_committed"),
+        run["pipeline"].get("seconds_to_all_topics_drained"),
+    )
+    ours = run["worker"].get("cpu_seconds_after_ready") or []
+    if ours and all(v is not None for v in ours):
+        out["cpu_ratio_to_naive"] = _ratio(naive.get("cpu_seconds_after_ready"), sum(ours))
+    return out
+
+
+def _variants(opts: PipelineOptions, rules: list[dict[str, Any]]) -> list[_Variant]:
+    """The worker runs of one benchmark, in order (each with its own app id / topics)."""
+    if opts.compare_rules and opts.compare_workers:
+        raise BenchError("--compare-rules and --compare-workers do not combine")
+    if opts.compare_rules:
+        return [
+            _Variant(
+                "without rules", f"{APP_ID}-norules", f"{TOPIC_PREFIX}-norules", [], opts.workers
+            ),
+            _Variant("with rules", f"{APP_ID}-rules", f"{TOPIC_PREFIX}-rules", rules, opts.workers),
+        ]
+    if opts.compare_workers:
+        return [
+            _Variant(
+                f"{n} worker{'s' if n > 1 else ''}",
+                f"{APP_ID}-{n}w",
+                f"{TOPIC_PREFIX}-{n}w",
+                rules,
+                n,
+            )
+            for n in opts.compare_worker_counts
+        ]
+    return [_Variant("", APP_ID, TOPIC_PREFIX, rules, opts.workers)]
 
 
 async def _worker_run(
@@ -921,11 +1093,12 @@ async def _worker_run(
         "app_id": variant.app_id,
         "topic_prefix": variant.topic_prefix,
         "rules_count": len(variant.rules),
+        "workers": variant.workers,
     }
     workers: list[_Worker] = []
     env = {**os.environ, SECRET_ENV: SIM_SECRET, "PYTHONUNBUFFERED": "1"}
     env.pop("KAFKA_BOOTSTRAP_SERVERS", None)
-    for i in range(opts.workers):
+    for i in range(variant.workers):
         port = free_port()
         name = f"{variant.slug}worker{i}"
         cfg = worker_config(
@@ -950,7 +1123,8 @@ async def _worker_run(
     spawned_at = time.monotonic()
     what = f" ({variant.label}, app id {variant.app_id})" if variant.label else ""
     _log(
-        f"started {opts.workers} worker(s){what}: pid {', '.join(str(w.proc.pid) for w in workers)}"
+        f"started {variant.workers} worker(s){what}: "
+        f"pid {', '.join(str(w.proc.pid) for w in workers)}"
     )
 
     profiler: subprocess.Popen[bytes] | None = None
@@ -1005,9 +1179,171 @@ async def _worker_run(
         _log(f"{died}; last lines of its log ({w.proc.log_path}):")
         print(w.proc.log_tail(80), flush=True)
         raise
-    for w in workers:
-        w.proc.stop()
+    finally:  # also after a failure: a next run must not share the CPU with these
+        for w in workers:
+            w.proc.stop()
     return run
+
+
+async def _naive_run(
+    opts: PipelineOptions,
+    procs: _Processes,
+    tmp: Path,
+    session: aiohttp.ClientSession,
+    *,
+    bootstrap: str,
+    n_events: int,
+    expected_keys: int,
+    raw_rate: float,
+) -> dict[str, Any]:
+    """Run the naive two-hop Faust app (:mod:`bench.naive_faust`, one process, own group)
+    on the ingest topic and time it from ready (``/health`` = 200, like the worker) until
+    its table agent has written the last event (``done_at`` of its status file)."""
+    port = free_port()
+    ns = naive_settings(opts, bootstrap, port, tmp, n_events)
+    settings_path = tmp / "naive.json"
+    settings_path.write_bytes(orjson.dumps(dataclasses.asdict(ns), option=orjson.OPT_INDENT_2))
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = procs.spawn("naive", [sys.executable, *naive_argv(ns)], tmp / "naive.log", env)
+    app = _Worker(0, proc, port, settings_path, label="naive Faust app")
+    spawned_at = time.monotonic()
+    _log(
+        f"started the naive two-hop Faust app (app id {ns.app_id}, pid {proc.pid}): "
+        f"ingest -> {repartition_topic(ns.app_id)} -> table, store {ns.store}"
+    )
+    lag = GroupLag(bootstrap, ns.app_id)
+    try:
+        await _wait_ready(session, [app])
+        ready_at = app.ready_at or time.monotonic()
+        _log(f"naive app ready {ready_at - spawned_at:.2f}s after start; measuring")
+        await lag.start()
+        try:
+            timeline = await _naive_measure(
+                opts, lag, app, Path(ns.status_file), ready_at, n_events, ns.app_id
+            )
+        finally:
+            await lag.stop()
+    except _WorkerDied as died:
+        _log(f"{died}; last lines of its log ({proc.log_path}):")
+        print(proc.log_tail(80), flush=True)
+        raise
+    finally:
+        proc.stop()
+    status: NaiveStatus = timeline["status"]
+    done_at = timeline["done_at"]
+    secs = done_at - ready_at
+    cpu_done = timeline.get("cpu_at_done")
+    cpu_end = timeline.get("cpu_at_end")
+
+    def since_ready(at: float | None) -> float | None:
+        return None if at is None else round(at - ready_at, 3)
+
+    def cpu_since_ready(cpu: float | None) -> float | None:
+        return None if cpu is None or app.cpu_at_ready is None else round(cpu - app.cpu_at_ready, 1)
+
+    naive_rate = n_events / secs if secs > 0 else None
+    out: dict[str, Any] = {
+        "app_id": ns.app_id,
+        "repartition_topic": repartition_topic(ns.app_id),
+        "settings": dataclasses.asdict(ns),
+        "startup_seconds": round(ready_at - spawned_at, 2),
+        "seconds_to_all_processed": round(secs, 3),
+        "events_per_s": None if naive_rate is None else round(naive_rate),
+        "events_per_s_from_spawn": round(n_events / (done_at - spawned_at)),
+        "ratio_to_baseline": _ratio(naive_rate, raw_rate),
+        "seconds_to_first_event": since_ready(status.first_event_at),
+        "seconds_to_ingest_committed": since_ready(timeline.get("ingest_at")),
+        "seconds_to_repartition_committed": since_ready(timeline.get("repartition_at")),
+        "rekeyed": status.rekeyed,
+        "processed": status.processed,
+        "table_keys": status.new_keys,
+        "expected_table_keys": expected_keys,
+        "peak_rss_mb": round(app.peak_rss_kb / 1024, 1),
+        "cpu_seconds_ready_to_all_processed": cpu_since_ready(cpu_done),
+        "cpu_seconds_after_ready": cpu_since_ready(cpu_end),
+        "progress": timeline["progress"],
+    }
+    _log(
+        f"naive app processed all {n_events:,} events {secs:.2f}s after ready "
+        f"({out['events_per_s']:,} events/s); table keys {status.new_keys:,} "
+        f"(expected {expected_keys:,})"
+    )
+    return out
+
+
+async def _naive_measure(
+    opts: PipelineOptions,
+    lag: GroupLag,
+    app: _Worker,
+    status_path: Path,
+    ready_at: float,
+    n_events: int,
+    app_id: str,
+) -> dict[str, Any]:
+    """Poll the naive app's status file (every 0.1 s) and its group's committed offsets
+    (every 1 s) until it has processed every event and committed the repartition topic."""
+    topics = (INGEST_TOPIC, repartition_topic(app_id))
+    timeline: dict[str, Any] = {"progress": []}
+    committed: dict[str, int] = {}
+    last_change = time.monotonic()
+    last_snapshot: tuple[Any, ...] = ()
+    next_lag = 0.0
+    next_print = time.monotonic() + 5.0
+    commit_grace = 30.0
+    status = NaiveStatus(pid=app.proc.pid)
+    while True:
+        if not app.proc.alive():
+            raise _WorkerDied(app)
+        app.peak_rss_kb = max(app.peak_rss_kb, _proc_status(app.proc.pid).get("VmHWM", 0))
+        status = read_status(status_path) or status
+        now = time.monotonic()
+        if status.done_at is not None and "done_at" not in timeline:
+            timeline["done_at"] = status.done_at
+            timeline["cpu_at_done"] = _cpu_seconds(app.proc.pid)
+        if now >= next_lag:
+            next_lag = now + 1.0
+            for topic in topics:
+                got = await lag.committed(topic)
+                if got is not None:
+                    committed[topic] = sum(got.values())
+            now = time.monotonic()
+            for topic, key in zip(topics, ("ingest_at", "repartition_at"), strict=True):
+                if committed.get(topic, 0) >= n_events and key not in timeline:
+                    timeline[key] = now
+            timeline["progress"].append(
+                {
+                    "t": round(now - ready_at, 2),
+                    "rekeyed": status.rekeyed,
+                    "processed": status.processed,
+                    "committed": dict(committed),
+                    "rss_mb": round(_proc_status(app.proc.pid).get("VmRSS", 0) / 1024),
+                    "cpu_s": _cpu_seconds(app.proc.pid),
+                }
+            )
+        snapshot = (status.rekeyed, status.processed, tuple(committed.values()))
+        if snapshot != last_snapshot:
+            last_snapshot = snapshot
+            last_change = now
+        if now >= next_print:
+            next_print = now + 5.0
+            _log(
+                f"naive t={now - ready_at:6.1f}s  re-keyed {status.rekeyed:,}/{n_events:,}, "
+                f"in table {status.processed:,}/{n_events:,}; committed: "
+                + "; ".join(f"{t} {committed.get(t, 0):,}" for t in topics)
+            )
+        if "done_at" in timeline and "repartition_at" in timeline:
+            break
+        if "done_at" in timeline and now - timeline["done_at"] > commit_grace:
+            _log(f"naive app: repartition topic not committed {commit_grace:.0f}s after done")
+            break
+        if now - ready_at > opts.timeout:
+            _stuck([app], f"naive app not finished {opts.timeout:.0f}s after it was ready")
+        if now - last_change > opts.stall_timeout:
+            _stuck([app], f"naive app: no progress for {opts.stall_timeout:.0f}s")
+        await asyncio.sleep(0.1)
+    timeline["cpu_at_end"] = _cpu_seconds(app.proc.pid)
+    timeline["status"] = status
+    return timeline
 
 
 def _start_profiler(output: Path, pid: int) -> subprocess.Popen[bytes] | None:
@@ -1086,6 +1422,7 @@ async def _figures(
     secs = timeline["contacts_at"] - ready_at if timeline.get("contacts_at") else None
     out: dict[str, Any] = {}
     out["worker"] = {
+        "count": len(workers),
         "startup_seconds": round(ready_at - spawned_at, 2),
         "peak_rss_mb": [round(w.peak_rss_kb / 1024, 1) for w in workers],
         "cpu_seconds_total": [None if c is None else round(c, 1) for c in cpu],
@@ -1267,33 +1604,46 @@ async def _rule_figures(
     return out
 
 
-def _comparison(without: dict[str, Any], with_rules: dict[str, Any]) -> dict[str, Any]:
-    """The headline figures of the two runs side by side (with / without)."""
+def _comparison(
+    first: dict[str, Any], second: dict[str, Any], kind: str = "rules"
+) -> dict[str, Any]:
+    """The headline figures of two runs side by side ([first, second]).
 
-    def ratio(a: Any, b: Any) -> float | None:
-        return None if not a or not b else round(b / a, 4)
+    ``kind`` "rules" (first without, second with rules): ``events_per_s_ratio_with_to_without``;
+    "workers" (first 1 worker, second N): ``workers`` and ``events_per_s_ratio_workers``
+    (N workers / 1 worker). A failed run (``error``) gives None for its figures.
+    """
 
-    a, b = without["pipeline"], with_rules["pipeline"]
-    cpu_a = sum(x or 0 for x in without["worker"]["cpu_seconds_after_ready"])
-    cpu_b = sum(x or 0 for x in with_rules["worker"]["cpu_seconds_after_ready"])
-    return {
-        "events_per_s": [a["events_per_s"], b["events_per_s"]],
-        "events_per_s_ratio_with_to_without": ratio(a["events_per_s"], b["events_per_s"]),
-        "seconds_to_all_contacts": [a["seconds_to_all_contacts"], b["seconds_to_all_contacts"]],
-        "seconds_to_all_topics_drained": [
-            a["seconds_to_all_topics_drained"],
-            b["seconds_to_all_topics_drained"],
-        ],
-        "worker_cpu_seconds_after_ready": [round(cpu_a, 1), round(cpu_b, 1)],
-        "worker_cpu_seconds_ready_to_all_contacts": [
-            round(sum(x or 0 for x in r["worker"]["cpu_seconds_ready_to_all_contacts"]), 1)
-            for r in (without, with_rules)
-        ],
-        "worker_peak_rss_mb": [
-            max(without["worker"]["peak_rss_mb"]),
-            max(with_rules["worker"]["peak_rss_mb"]),
-        ],
+    def pick(run: dict[str, Any], get: Any) -> Any:
+        return None if "error" in run else get(run)
+
+    def both(get: Any) -> list[Any]:
+        return [pick(first, get), pick(second, get)]
+
+    def cpu(key: str) -> Any:
+        return lambda r: round(sum(x or 0 for x in r["worker"][key]), 1)
+
+    eps = both(lambda r: r["pipeline"]["events_per_s"])
+    out: dict[str, Any] = {
+        "kind": kind,
+        "labels": [first["label"], second["label"]],
+        "failed": [r["label"] for r in (first, second) if "error" in r],
+        "events_per_s": eps,
+        "seconds_to_all_contacts": both(lambda r: r["pipeline"]["seconds_to_all_contacts"]),
+        "seconds_to_all_topics_drained": both(
+            lambda r: r["pipeline"]["seconds_to_all_topics_drained"]
+        ),
+        "worker_cpu_seconds_after_ready": both(cpu("cpu_seconds_after_ready")),
+        "worker_cpu_seconds_ready_to_all_contacts": both(cpu("cpu_seconds_ready_to_all_contacts")),
+        "worker_peak_rss_mb": both(lambda r: max(r["worker"]["peak_rss_mb"])),
     }
+    if kind == "workers":
+        out["workers"] = [first.get("workers"), second.get("workers")]
+        out["events_per_s_ratio_workers"] = _ratio(eps[1], eps[0])
+        out["target_ratio_workers"] = TARGET_TWO_WORKERS_RATIO if out["workers"][1] == 2 else None
+    else:
+        out["events_per_s_ratio_with_to_without"] = _ratio(eps[1], eps[0])
+    return out
 
 
 async def _measure(
@@ -1454,9 +1804,9 @@ def _caught_up(committed: dict[int, int] | None, ends: dict[int, int] | None) ->
 def _stuck(workers: list[_Worker], why: str) -> None:
     _log(f"STUCK: {why}")
     for w in workers:
-        _log(f"worker {w.index} (pid {w.proc.pid}) stacks:")
+        _log(f"{w.name} (pid {w.proc.pid}) stacks:")
         print(_py_spy_dump(w.proc.pid), flush=True)
-        _log(f"worker {w.index} log tail ({w.proc.log_path}):")
+        _log(f"{w.name} log tail ({w.proc.log_path}):")
         print(w.proc.log_tail(60), flush=True)
     raise BenchError(why)
 
@@ -1488,7 +1838,10 @@ def format_table(result: dict[str, Any]) -> str:
         ("  with an email (expected in Emarsys)", num(g["identified_contacts"])),
         ("  anonymous-first", num(g["anonymous_first"])),
         ("  anonymous-only visitors", num(g["anonymous_only_visitors"])),
-        ("partitions / workers / store", f"{o['partitions']} / {o['workers']} / {o['store']}"),
+        (
+            "partitions / workers / store",
+            f"{o['partitions']} / {_workers_text(result)} / {o['store']}",
+        ),
         *_rule_rows(result),
         ("", ""),
         ("produce (aiokafka), events/s", num(result["produce"]["events_per_s"])),
@@ -1497,11 +1850,13 @@ def format_table(result: dict[str, Any]) -> str:
         ("ready -> all contacts in simulator", num(p["seconds_to_all_contacts"], " s")),
         ("pipeline, events/s (end to end)", num(p["events_per_s"])),
         ("ratio pipeline / raw", "n/a" if ratio is None else f"{ratio:.4f} ({ratio:.2%})"),
+        *_naive_headline_rows(result),
         ("pipeline, events/s incl. startup", num(p["events_per_s_from_spawn"])),
         ("ready -> first Emarsys call", num(p["seconds_to_first_upsert"], " s")),
         ("ready -> ingest topic committed", num(p["seconds_to_ingest_committed"], " s")),
         ("ready -> users agent caught up", num(p["seconds_to_users_caught_up"], " s")),
         ("ready -> every agent topic drained", num(p["seconds_to_all_topics_drained"], " s")),
+        *_naive_rows(result),
         ("", ""),
         (
             "contacts in simulator / expected",
@@ -1541,13 +1896,97 @@ def format_table(result: dict[str, Any]) -> str:
     rows += _comparison_rows(result)
     width = max(len(k) for k, _ in rows) + 2
     title = "emarsys-stream pipeline benchmark"
-    if result.get("runs"):
-        title += " (figures of the run with rules; both runs side by side at the end)"
+    runs = result.get("runs")
+    if runs:
+        which = next((r["label"] for r in reversed(runs) if "error" not in r), "?")
+        title += f" (figures of the run {which}; both runs side by side at the end)"
     lines = ["", title, "=" * (width + 30)]
     for key, value in rows:
         lines.append(f"{key:<{width}}{value}" if key else "")
     lines.append("=" * (width + 30))
     return "\n".join(lines)
+
+
+def _workers_text(result: dict[str, Any]) -> str:
+    runs = result.get("runs")
+    if result["options"].get("compare_workers") and runs:
+        return ", then ".join(str(r.get("workers")) for r in runs)
+    return str(result["options"]["workers"])
+
+
+def _times(value: float | None, target: float | None = None) -> str:
+    """A ratio as "0.46x", plus the issue's target when given."""
+    if value is None:
+        return "n/a"
+    text = f"{value:.2f}x"
+    if target is not None:
+        text += f" (target >= {target:g}x: {'met' if value >= target else 'not met'})"
+    return text
+
+
+def _naive_headline_rows(result: dict[str, Any]) -> list[tuple[str, str]]:
+    """The naive Faust reference's rate and our rate as a multiple of it."""
+    n = result.get("naive")
+    if not result["options"].get("naive", True) or n is None:
+        return [("naive two-hop Faust, events/s", "skipped (--no-naive)")]
+    if "error" in n:
+        return [("naive two-hop Faust, events/s", f"FAILED: {n['error']}")]
+    p = result["pipeline"]
+    workers = result["worker"].get("count") or len(result["worker"]["peak_rss_mb"])
+    label = "ratio pipeline / naive Faust"
+    if workers > 1:
+        label += f" ({workers} workers : 1)"
+    return [
+        ("naive two-hop Faust, events/s (1 process)", _num(n["events_per_s"])),
+        # The target is one worker against the naive app (one process each).
+        (label, _times(p.get("ratio_to_naive"), TARGET_NAIVE_RATIO if workers == 1 else None)),
+        ("  by time until all work is committed", _times(p.get("drained_ratio_to_naive"))),
+        ("  by events per CPU second", _times(p.get("cpu_ratio_to_naive"))),
+    ]
+
+
+def _naive_rows(result: dict[str, Any]) -> list[tuple[str, str]]:
+    """The naive Faust reference's details (none when skipped or failed)."""
+    n = result.get("naive")
+    if not n or "error" in n:
+        return []
+    st = n["settings"]
+    keys = f"{_num(n['table_keys'])} / {_num(n['expected_table_keys'])}"
+    return [
+        ("", ""),
+        (
+            "naive Faust: app id / store",
+            f"{n['app_id']} ({n['repartition_topic']}, table) / {st['store']}",
+        ),
+        (
+            "  take / max_poll_records / buffer_maxsize",
+            f"{st['take_max']} within {st['take_within']} s / {st['max_poll_records']:,} / "
+            f"{st['stream_buffer_maxsize']:,}",
+        ),
+        ("  start -> ready", _num(n["startup_seconds"], " s")),
+        ("  ready -> every event in the table", _num(n["seconds_to_all_processed"], " s")),
+        (
+            "  ratio naive / raw",
+            "n/a" if n["ratio_to_baseline"] is None else f"{n['ratio_to_baseline']:.4f}",
+        ),
+        ("  events/s incl. startup", _num(n["events_per_s_from_spawn"])),
+        (
+            "  ready -> ingest / repartition committed",
+            f"{_num(n['seconds_to_ingest_committed'], ' s')} / "
+            f"{_num(n['seconds_to_repartition_committed'], ' s')}",
+        ),
+        (
+            "  re-keyed / written to table",
+            f"{_num(n['rekeyed'])} / {_num(n['processed'])}",
+        ),
+        ("  table keys / expected", keys),
+        ("  peak RSS (VmHWM)", f"{n['peak_rss_mb']:,.0f} MB"),
+        (
+            "  CPU s ready -> all in table / end",
+            f"{_num(n['cpu_seconds_ready_to_all_processed'])} / "
+            f"{_num(n['cpu_seconds_after_ready'])}",
+        ),
+    ]
 
 
 def _num(value: Any, suffix: str = "") -> str:
@@ -1610,18 +2049,22 @@ def _rule_rows(result: dict[str, Any]) -> list[tuple[str, str]]:
 
 
 def _comparison_rows(result: dict[str, Any]) -> list[tuple[str, str]]:
-    """``compare_rules``: both runs side by side (none otherwise)."""
+    """``compare_rules`` / ``compare_workers``: both runs side by side (none otherwise)."""
     runs = result.get("runs")
     if not runs or len(runs) != 2:
         return []
     a, b = runs
+    comparison = result.get("comparison") or {}
     width = max(14, len(a["app_id"]), len(b["app_id"]))
 
     def cols(x: str, y: str) -> str:
         return f"{x:>{width}}   {y:>{width}}"
 
     def pair(get: Any, suffix: str = "") -> str:
-        return cols(_num(get(a), suffix), _num(get(b), suffix))
+        def one(run: dict[str, Any]) -> str:
+            return "failed" if "error" in run else _num(get(run), suffix)
+
+        return cols(one(a), one(b))
 
     def cpu(key: str) -> Any:
         def get(run: dict[str, Any]) -> float | None:
@@ -1632,9 +2075,12 @@ def _comparison_rows(result: dict[str, Any]) -> list[tuple[str, str]]:
 
         return get
 
-    def ratio(run: dict[str, Any]) -> str:
-        value = run["pipeline"]["ratio_to_baseline"]
-        return "n/a" if value is None else f"{value:.4f}"
+    def ratio(key: str) -> Any:
+        def get(run: dict[str, Any]) -> str:
+            value = run["pipeline"].get(key)
+            return "n/a" if value is None else f"{value:.4f}"
+
+        return get
 
     def rules(run: dict[str, Any]) -> str:
         r = run.get("rules")
@@ -1644,8 +2090,10 @@ def _comparison_rows(result: dict[str, Any]) -> list[tuple[str, str]]:
         e = run["emarsys"]
         return f"{e['missing_contacts']} / {e['upsert_calls']}"
 
-    rate = result["comparison"].get("events_per_s_ratio_with_to_without")
-    return [
+    def text(get: Any) -> str:
+        return cols(*("failed" if "error" in r else get(r) for r in (a, b)))
+
+    rows: list[tuple[str, str]] = [
         ("", ""),
         ("same input, one run after the other", cols(a["label"], b["label"])),
         ("  app id", cols(a["app_id"], b["app_id"])),
@@ -1655,7 +2103,11 @@ def _comparison_rows(result: dict[str, Any]) -> list[tuple[str, str]]:
             pair(lambda r: r["pipeline"]["seconds_to_all_contacts"], " s"),
         ),
         ("  pipeline, events/s (end to end)", pair(lambda r: r["pipeline"]["events_per_s"])),
-        ("  ratio pipeline / raw", cols(ratio(a), ratio(b))),
+        ("  ratio pipeline / raw", text(ratio("ratio_to_baseline"))),
+        (
+            "  ratio pipeline / naive Faust",
+            text(lambda r: _times(r["pipeline"].get("ratio_to_naive"))),
+        ),
         (
             "  ready -> ingest topic committed",
             pair(lambda r: r["pipeline"]["seconds_to_ingest_committed"], " s"),
@@ -1670,13 +2122,32 @@ def _comparison_rows(result: dict[str, Any]) -> list[tuple[str, str]]:
         ),
         ("  worker CPU s, ready -> end", pair(cpu("cpu_seconds_after_ready"))),
         ("  worker peak RSS MB", pair(lambda r: max(r["worker"]["peak_rss_mb"]))),
-        ("  contacts missing / upsert calls", cols(emarsys(a), emarsys(b))),
-        ("  rule matches / triggers", cols(rules(a), rules(b))),
-        (
-            "  events/s with rules / without",
-            "n/a" if rate is None else f"{rate:.3f} ({rate - 1:+.1%})",
-        ),
+        ("  contacts missing / upsert calls", text(emarsys)),
     ]
+    if comparison.get("kind") == "workers":
+        n = (comparison.get("workers") or [1, 2])[1]
+        rows.append(
+            (
+                f"  events/s {n} workers / 1 worker",
+                _times(
+                    comparison.get("events_per_s_ratio_workers"),
+                    comparison.get("target_ratio_workers"),
+                ),
+            )
+        )
+    else:
+        rate = comparison.get("events_per_s_ratio_with_to_without")
+        rows += [
+            ("  rule matches / triggers", text(rules)),
+            (
+                "  events/s with rules / without",
+                "n/a" if rate is None else f"{rate:.3f} ({rate - 1:+.1%})",
+            ),
+        ]
+    for run in (a, b):
+        if "error" in run:
+            rows.append((f"  {run['label']}: FAILED", run["error"]))
+    return rows
 
 
 def write_result(result: dict[str, Any], directory: Path) -> Path:
@@ -1710,7 +2181,13 @@ def run_pipeline(opts: PipelineOptions) -> int:
         path = write_result(result, opts.results_dir)
         print(f"results: {path}", flush=True)
         ok = True
+        naive = result.get("naive") or {}
+        if "error" in naive:
+            ok = False
         for run in result.get("runs") or [result]:
+            if "error" in run:
+                ok = False
+                continue
             missing = run["emarsys"]["missing_contacts"]
             if missing:
                 ok = False

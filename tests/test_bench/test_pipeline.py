@@ -13,13 +13,20 @@ from app.settings import load_settings
 from bench.generate import build_rules
 from bench.pipeline import (
     APP_ID,
+    INGEST_TOPIC,
+    NAIVE_APP_ID,
     RESULTS_DIR,
     SECRET_ENV,
     TOPIC_PREFIX,
+    BenchError,
     PipelineOptions,
     _comparison,
+    _ratio,
+    _secondary_ratios_to_naive,
     _size_stats,
+    _variants,
     format_table,
+    naive_settings,
     read_topic,
     worker_config,
 )
@@ -270,3 +277,204 @@ async def test_read_topic_reads_everything_and_tolerates_missing_topics(
     assert len(records) == 31
     assert (b"k0", None) in records
     assert await read_topic(bootstrap, "bench-test.no-such-topic", quiet=0.5, limit=5) == []
+
+
+# ------------------------------------------------------------------ naive Faust reference
+
+
+def test_naive_settings_are_tuned_and_follow_the_worker_settings(tmp_path: Path) -> None:
+    s = naive_settings(PipelineOptions(partitions=3), "127.0.0.1:9092", 8124, tmp_path, 20_000)
+    assert (s.app_id, s.topic, s.partitions, s.expected) == (NAIVE_APP_ID, INGEST_TOPIC, 3, 20_000)
+    assert s.app_id != APP_ID  # its own consumer group
+    assert s.store == "rocksdb://"
+    # tuned as in broker-and-baselines.md
+    assert (s.take_max, s.take_within) == (2000, 0.05)
+    assert (s.max_poll_records, s.stream_buffer_maxsize) == (10_000, 65_536)
+    # every other setting as the worker has it
+    assert (s.session_timeout, s.commit_interval, s.producer_linger_ms) == (30.0, 2.8, 5)
+    assert Path(s.data_dir).parent == tmp_path
+    opts = PipelineOptions(
+        store="memory://",
+        overrides={"worker.session_timeout": "6s", "worker.batch_max": 500},
+    )
+    s = naive_settings(opts, "127.0.0.1:9092", 8124, tmp_path, 10)
+    assert (s.store, s.session_timeout, s.take_max) == ("memory://", 6.0, 500)
+
+
+def test_variants_of_a_run() -> None:
+    single = _variants(PipelineOptions(workers=2), [])
+    assert [(v.label, v.app_id, v.workers) for v in single] == [("", APP_ID, 2)]
+    pair = _variants(PipelineOptions(compare_workers=True), [])
+    assert [(v.label, v.workers) for v in pair] == [("1 worker", 1), ("2 workers", 2)]
+    assert len({v.app_id for v in pair}) == 2 and len({v.topic_prefix for v in pair}) == 2
+    assert APP_ID not in {v.app_id for v in pair} and NAIVE_APP_ID not in {v.app_id for v in pair}
+    assert [v.workers for v in _variants(PipelineOptions(compare_workers=True, workers=3), [])] == [
+        1,
+        3,
+    ]
+    rules = build_rules(2, 121)
+    by_rules = _variants(PipelineOptions(compare_rules=True, rules=2), rules)
+    assert [(v.label, len(v.rules)) for v in by_rules] == [("without rules", 0), ("with rules", 2)]
+    with pytest.raises(BenchError):
+        _variants(PipelineOptions(compare_rules=True, compare_workers=True, rules=2), rules)
+
+
+def _naive(eps: int = 3000) -> dict[str, Any]:
+    return {
+        "app_id": NAIVE_APP_ID,
+        "repartition_topic": f"{NAIVE_APP_ID}-by-key",
+        "settings": {
+            "store": "rocksdb://",
+            "take_max": 2000,
+            "take_within": 0.05,
+            "max_poll_records": 10_000,
+            "stream_buffer_maxsize": 65_536,
+        },
+        "startup_seconds": 17.5,
+        "seconds_to_all_processed": 20_000 / eps,
+        "events_per_s": eps,
+        "events_per_s_from_spawn": 800,
+        "ratio_to_baseline": round(eps / 300_000, 4),
+        "seconds_to_first_event": 0.02,
+        "seconds_to_ingest_committed": 4.1,
+        "seconds_to_repartition_committed": 8.2,
+        "rekeyed": 20_000,
+        "processed": 20_000,
+        "table_keys": 4191,
+        "expected_table_keys": 4191,
+        "peak_rss_mb": 95.0,
+        "cpu_seconds_ready_to_all_processed": 6.5,
+        "cpu_seconds_after_ready": 6.6,
+        "progress": [],
+    }
+
+
+def _row(text: str, start: str) -> str:
+    return next(line for line in text.splitlines() if line.startswith(start))
+
+
+def test_table_shows_the_naive_reference_and_the_ratio_to_it() -> None:
+    run = _run("", APP_ID, rules=False, eps=10_500)
+    run["pipeline"]["ratio_to_naive"] = _ratio(10_500, 3000)
+    result = _result(run)
+    result["options"]["naive"] = True
+    result["naive"] = _naive(3000)
+    text = format_table(result)
+    assert _row(text, "naive two-hop Faust, events/s").endswith(" 3,000")
+    assert _row(text, "ratio pipeline / naive Faust").endswith("3.50x (target >= 3.5x: met)")
+    assert _row(text, "  table keys / expected").endswith("4,191 / 4,191")
+    assert _row(text, "  ready -> ingest / repartition committed").endswith("4.10 s / 8.20 s")
+    assert _row(text, "  take / max_poll").endswith("2000 within 0.05 s / 10,000 / 65,536")
+
+    run["pipeline"]["ratio_to_naive"] = _ratio(1500, 3000)
+    assert _row(format_table(result), "ratio pipeline / naive").endswith(
+        "0.50x (target >= 3.5x: not met)"
+    )
+
+
+def test_secondary_ratios_to_naive_count_all_the_work_of_every_event() -> None:
+    run = _run("", APP_ID, rules=False, eps=1500)
+    naive = _naive(3000)  # repartition committed 8.2 s after ready; 6.6 CPU s to its end
+    run["pipeline"]["seconds_to_all_topics_drained"] = 16.4
+    run["worker"]["cpu_seconds_ready_to_all_contacts"] = [1.0]  # not this one: not all work
+    run["worker"]["cpu_seconds_after_ready"] = [13.2]
+    assert _secondary_ratios_to_naive(run, naive) == {
+        "drained_ratio_to_naive": 0.5,
+        "cpu_ratio_to_naive": 0.5,
+    }
+    run["worker"]["cpu_seconds_after_ready"] = [2.0, 1.3]  # two workers: the sum
+    assert _secondary_ratios_to_naive(run, naive)["cpu_ratio_to_naive"] == 2.0
+    run["worker"]["cpu_seconds_after_ready"] = [2.0, None]
+    run["pipeline"]["seconds_to_all_topics_drained"] = None  # never drained
+    assert _secondary_ratios_to_naive(run, naive) == {
+        "drained_ratio_to_naive": None,
+        "cpu_ratio_to_naive": None,
+    }
+    none = {"drained_ratio_to_naive": None, "cpu_ratio_to_naive": None}
+    assert _secondary_ratios_to_naive(run, None) == none
+    assert _secondary_ratios_to_naive(run, {"error": "x"}) == none
+    run["worker"]["cpu_seconds_after_ready"] = [3.3]
+    run["pipeline"]["seconds_to_all_topics_drained"] = 4.1
+    run["pipeline"].update(_secondary_ratios_to_naive(run, naive))
+    result = _result(run)
+    result["naive"] = naive
+    text = format_table(result)
+    assert _row(text, "  by time until all work is committed").endswith("2.00x")
+    assert _row(text, "  by events per CPU second").endswith("2.00x")
+
+
+def test_table_without_or_with_a_failed_naive_reference() -> None:
+    result = _result(_run("", APP_ID, rules=False, eps=1500))
+    result["options"]["naive"] = False
+    text = format_table(result)
+    assert _row(text, "naive two-hop Faust").endswith("skipped (--no-naive)")
+    assert "ratio pipeline / naive" not in text
+    result["options"]["naive"] = True
+    result["naive"] = {"app_id": NAIVE_APP_ID, "error": "naive app: no progress for 120s"}
+    text = format_table(result)
+    assert _row(text, "naive two-hop Faust").endswith("FAILED: naive app: no progress for 120s")
+    assert "  table keys" not in text
+
+
+def test_two_workers_against_the_naive_app_show_no_target() -> None:
+    run = _run("", APP_ID, rules=False, eps=4000)
+    run["worker"]["count"] = 2
+    run["pipeline"]["ratio_to_naive"] = _ratio(4000, 1000)
+    result = _result(run)
+    result["naive"] = _naive(1000)
+    row = _row(format_table(result), "ratio pipeline / naive Faust")
+    assert "(2 workers : 1)" in row and row.endswith("4.00x")
+
+
+def test_compare_workers_prints_both_rates_and_their_ratio() -> None:
+    a = _run("1 worker", "emarsys-bench-1w", rules=False, eps=1500)
+    b = _run("2 workers", "emarsys-bench-2w", rules=False, eps=2550)
+    a["workers"], b["workers"] = 1, 2
+    a["pipeline"]["ratio_to_naive"] = _ratio(1500, 3000)
+    b["pipeline"]["ratio_to_naive"] = _ratio(2550, 3000)
+    result = _result(a, b)
+    result["comparison"] = _comparison(a, b, kind="workers")
+    result["options"]["compare_workers"] = True
+    assert result["comparison"]["events_per_s"] == [1500, 2550]
+    assert result["comparison"]["events_per_s_ratio_workers"] == 1.7
+    assert result["comparison"]["target_ratio_workers"] == 1.6
+    text = format_table(result)
+    assert "figures of the run 2 workers" in text
+    assert _row(text, "partitions / workers / store").endswith("4 / 1, then 2 / rocksdb://")
+    assert _row(text, "  events/s 2 workers / 1 worker").endswith("1.70x (target >= 1.6x: met)")
+    naive_row = _row(text, "  ratio pipeline / naive Faust")
+    assert naive_row.split()[-2:] == ["0.50x", "0.85x"]
+    assert "rule matches" not in text and "with rules / without" not in text
+
+
+def test_compare_workers_with_a_failed_second_run_keeps_the_first() -> None:
+    a = _run("1 worker", "emarsys-bench-1w", rules=False, eps=1500)
+    a["workers"] = 1
+    b = {"label": "2 workers", "app_id": "emarsys-bench-2w", "workers": 2, "error": "STUCK"}
+    comparison = _comparison(a, b, kind="workers")
+    assert comparison["failed"] == ["2 workers"]
+    assert comparison["events_per_s"] == [1500, None]
+    assert comparison["events_per_s_ratio_workers"] is None
+    result = _result(a)
+    result["runs"], result["comparison"] = [a, b], comparison
+    result["options"]["compare_workers"] = True
+    text = format_table(result)
+    assert "figures of the run 1 worker" in text
+    assert "1,500" in _row(text, "  pipeline, events/s") and "failed" in _row(
+        text, "  pipeline, events/s"
+    )
+    assert _row(text, "  events/s 2 workers / 1 worker").endswith("n/a")
+    assert _row(text, "  2 workers: FAILED").endswith("STUCK")
+
+
+def test_cli_naive_and_compare_workers_options(monkeypatch: pytest.MonkeyPatch) -> None:
+    opts = _parse(["pipeline", "--quick"], monkeypatch)
+    assert isinstance(opts, PipelineOptions)
+    assert (opts.naive, opts.compare_workers) == (True, False)  # on by default, --quick too
+    opts = _parse(["pipeline", "--quick", "--no-naive", "--compare-workers"], monkeypatch)
+    assert isinstance(opts, PipelineOptions)
+    assert (opts.naive, opts.compare_workers, opts.compare_worker_counts) == (False, True, (1, 2))
+    opts = _parse(["pipeline", "--compare-workers", "--workers", "4"], monkeypatch)
+    assert isinstance(opts, PipelineOptions)
+    assert opts.compare_worker_counts == (1, 4)
+    assert _parse(["pipeline", "--compare-workers", "--compare-rules"], monkeypatch) == 2
