@@ -52,17 +52,19 @@ def register(rt: Runtime) -> None:
     m = rt.metrics
     topics = rt.topics
 
+    def count_retry(endpoint: str, reason: str) -> None:
+        m.emarsys_retries.labels(reason).inc()
+        if reason == "429":
+            m.emarsys_429.labels(endpoint).inc()
+
     async def record_result(result: CallResult, contacts: int) -> None:
         outcome = "ok" if result.ok else "permanent_error"
         m.emarsys_calls.labels(result.endpoint, outcome).inc()
         m.emarsys_latency.labels(result.endpoint).observe(result.latency_seconds)
-        for reason, n in (result.retries_by_reason or {}).items():
-            if n:
-                m.emarsys_retries.labels(reason).inc(n)
-        rate_limited = result.retries_by_reason["429"] if result.retries_by_reason else 0
-        rate_limited += 1 if result.status == 429 else 0  # the last answer, not retried
-        if rate_limited:
-            m.emarsys_429.labels(result.endpoint).inc(rate_limited)
+        # Retries (and retried 429s) are counted live by on_retry; only a final 429 that
+        # was not retried is left to count here.
+        if result.status == 429 and not result.ok:
+            m.emarsys_429.labels(result.endpoint).inc()
         await send_json(
             topics.results,
             None,
@@ -171,7 +173,7 @@ def register(rt: Runtime) -> None:
                     log.exception("flush of pending Emarsys operations failed")
                     raise
 
-        async with emarsys_client_from_settings(s) as client:
+        async with emarsys_client_from_settings(s, on_retry=count_retry) as client:
             ticker = asyncio.create_task(flush_by_age(client))
             try:
                 async for events in stream.take_events(s.worker.output_batch_max, tick):
