@@ -203,7 +203,10 @@ class Deployment:
         """The last warnings/errors of every worker log, for a failing test's message."""
         out = []
         for i, w in enumerate(self.workers):
-            notable = [ln for ln in w.log().splitlines() if "WARN" in ln or "ERROR" in ln]
+            notable = [
+                ln for ln in w.log().splitlines()
+                if ("WARN" in ln.upper() or "ERROR" in ln.upper()) and "producer buffer" not in ln
+            ]
             out.append(f"--- worker{i} ({w.log_path}): last {lines} warnings/errors")
             out.extend(ln[:300] for ln in notable[-lines:])
         return "\n".join(out)

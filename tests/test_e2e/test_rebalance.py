@@ -66,7 +66,19 @@ async def test_kill_one_of_two_workers_and_restart_it_loses_nothing(
     try:
         await wait_for(done, timeout=180, interval=1.0)
     except AssertionError as exc:
-        raise AssertionError(f"{exc}\n{dep.log_digest()}") from None
+        wrong = [i for i in range(CONTACTS)
+                 if (c := simulator.state.contact_by_key(f"rb{i}@example.com", "3")) is None
+                 or c.fields.get("1") != f"F{i}-1"]
+        fired = {t.external_id for t in simulator.state.triggers_for(EVENT_ID)}
+        unfired = [i for i in range(CONTACTS) if f"rb{i}@example.com" not in fired]
+        late = await dep.read_topic(dep.topic("late-events"), expect=1, timeout=3)
+        dlq = await dep.read_topic(dep.topic("emarsys-dlq"), expect=1, timeout=3)
+        raise AssertionError(
+            f"{exc}: {len(wrong)} contact(s) without their last fields (e.g. {wrong[:5]}), "
+            f"{len(unfired)} without a trigger (e.g. {unfired[:5]}), {len(late)} late "
+            f"event(s), {len(dlq)} Emarsys dead letter(s), "
+            f"{len(upsert_calls(simulator))} upsert calls\n{dep.log_digest()}"
+        ) from None
     triggers = simulator.state.triggers_for(EVENT_ID)
     per_contact = Counter(t.external_id for t in triggers)
     assert len(per_contact) == CONTACTS and set(per_contact.values()) == {1}
