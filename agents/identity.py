@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from agents.emit import send_emits
+from agents.emit import delivered, send_emits
 from app.resolution import Emit, IdentityResolver, IdentityState
 from tables.context import PartitionEvent
 from tables.view import TableView
@@ -53,6 +53,8 @@ def register(rt: Runtime) -> None:
             for ev in events:
                 key = ev.key.decode() if isinstance(ev.key, bytes) else str(ev.key)
                 emits.extend(resolver.handle(key, orjson.loads(ev.value)))
+            # Messages first, state after the broker has them (see agents.emit.delivered).
+            await delivered(await send_emits(rt, emits))
             for view in (state.anonymous_ids, state.user_ids, state.held):
                 assert isinstance(view, TableView)
                 view.flush()
@@ -69,7 +71,6 @@ def register(rt: Runtime) -> None:
                 log.warning("dead letters written: %d held event(s) expired or over the bound",
                             st.expired + st.overflow,
                             extra={"expired": st.expired, "overflow": st.overflow})
-            await send_emits(rt, emits)
 
 
 def partition_for_key(key: bytes, partitions: int) -> int:
@@ -114,10 +115,10 @@ def register_held_sweep(rt: Runtime) -> None:
         emits: list[Emit] = []
         for ident in expired_ids:
             emits.extend(resolver.expire(ident))
+        await delivered(await send_emits(rt, emits))  # dead letters before the deletions
         assert isinstance(state.held, TableView)
         state.held.flush()
         if resolver.stats.expired:
             m.expired.labels("expired").inc(resolver.stats.expired)
             log.warning("dead letters written: %d held event(s) expired",
                         resolver.stats.expired, extra={"expired": resolver.stats.expired})
-        await send_emits(rt, emits)

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from agents.emit import send_json
+from agents.emit import delivered, send_json
 from app.durations import parse_duration
 from app.rules import RuleEngine, RuleMatch, parse_rules, trigger_id
 from app.rules.clock import EventClock
@@ -63,10 +63,10 @@ def register(rt: Runtime) -> None:
     m = rt.metrics
     topics = rt.topics
 
-    async def emit_match(pk: str, match: RuleMatch) -> None:
+    async def emit_match(pk: str, match: RuleMatch) -> list[Any]:
         tid = trigger_id(match.rule, pk, match.first_message_id)
         m.rule_matches.labels(match.rule).inc()
-        await send_json(
+        sent = [await send_json(
             topics.rule_matches,
             pk,
             {
@@ -79,8 +79,8 @@ def register(rt: Runtime) -> None:
                 "event_time_ms": match.event_time_ms,
                 "matched_at_ms": int(time.time() * 1000),
             },
-        )
-        await send_json(
+        )]
+        sent.append(await send_json(
             topics.operations,
             pk,
             {
@@ -93,7 +93,8 @@ def register(rt: Runtime) -> None:
                 "data": match.data,
                 "rule": match.rule,
             },
-        )
+        ))
+        return sent
 
     @rt.app.agent(topics.contact_events, name="rules")
     async def rules(stream):  # type: ignore[no-untyped-def]
@@ -147,18 +148,22 @@ def register(rt: Runtime) -> None:
                     deadlines.pop(pk, None)
                 else:
                     deadlines[pk] = res.next_deadline_ms
-            view.flush()
+            # Triggers and late events first; the state recording them as fired only
+            # once the broker has them (see agents.emit.delivered).
+            sent: list[Any] = []
             for pk, match in matches:
-                await emit_match(pk, match)
+                sent.extend(await emit_match(pk, match))
+            for pk, msg in late:
+                m.late_events.inc()
+                sent.append(await send_json(topics.late_events, pk, msg))
+            await delivered(sent)
+            view.flush()
             if matches:
                 by_rule: dict[str, int] = {}
                 for _pk, match in matches:
                     by_rule[match.rule] = by_rule.get(match.rule, 0) + 1
                 log.info("rule matches: %d", len(matches),
                          extra={"matches": len(matches), "by_rule": by_rule})
-            for pk, msg in late:
-                m.late_events.inc()
-                await send_json(topics.late_events, pk, msg)
 
     @rt.app.task
     async def rule_timers() -> None:
@@ -192,7 +197,7 @@ def register(rt: Runtime) -> None:
     @rt.app.task
     async def probe_group_backlog() -> None:
         """Keep ``group["caught_up"]`` current (see :mod:`app.group_backlog`)."""
-        from app.group_backlog import GroupBacklog
+        from app.group_backlog import GroupBacklog, nothing_left_to_read
         from app.replay import kafka_client_options
 
         try:
@@ -212,7 +217,8 @@ def register(rt: Runtime) -> None:
         try:
             while not rt.app.should_stop:
                 try:
-                    group["caught_up"] = await probe.measure() == 0
+                    progress = await probe.progress()
+                    group["caught_up"] = nothing_left_to_read(progress, _read_by_me(rt))
                     failing = False
                 except Exception as exc:  # noqa: BLE001
                     if not failing:
@@ -242,6 +248,16 @@ def _assignment(rt: Runtime) -> frozenset[Any]:
         return frozenset(rt.app.consumer.assignment())
     except Exception:  # consumer not started yet
         return frozenset()
+
+
+def _read_by_me(rt: Runtime) -> dict[Any, int | None]:
+    """This worker's assigned partitions -> last offset its streams received."""
+    try:
+        consumer = rt.app.consumer
+        read = getattr(consumer, "_read_offset", {})
+        return {tp: read.get(tp) for tp in consumer.assignment()}
+    except Exception:  # not started / rebalancing: nothing is "mine"
+        return {}
 
 
 def _recovered(rt: Runtime) -> bool:

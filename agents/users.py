@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 from prometheus_client import Counter
 
-from agents.emit import send_json
+from agents.emit import delivered, send_json
 from app.audiences import AudienceMap
 from app.contacts import ContactUpdater
 from app.data_map import DataMap, FieldMapping
@@ -94,8 +94,6 @@ def register(rt: Runtime) -> None:
                 users_view[pk] = rec.to_dict()
             for mid, at in batch.seen.items():
                 seen_view[seen_key[mid]] = at
-            users_view.flush()
-            seen_view.flush()
             if batch.new_users:
                 m.users_created.inc(len(batch.new_users))
             if batch.duplicates:
@@ -113,8 +111,13 @@ def register(rt: Runtime) -> None:
             ):
                 if n:
                     audience_signals.labels(outcome).inc(n)
-            for op in ops:
-                await send_json(rt.topics.operations, op["primary_key"], op)
+            # Operations first; the records saying "queued" and the dedupe entries only
+            # once the broker has them (see agents.emit.delivered).
+            await delivered(
+                [await send_json(rt.topics.operations, op["primary_key"], op) for op in ops]
+            )
+            users_view.flush()
+            seen_view.flush()
 
 
 def dedupe_key(primary_key: str, message_id: str) -> str:

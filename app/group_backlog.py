@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["GroupBacklog", "backlog_of"]
+__all__ = ["GroupBacklog", "PartitionProgress", "backlog_of", "nothing_left_to_read"]
 
 log = logging.getLogger("emarsys_stream.rules")
 
@@ -29,6 +30,33 @@ def backlog_of(end: Mapping[Any, int], committed: Mapping[Any, int | None]) -> i
         done = committed.get(tp)
         total += max(0, int(high) - int(done or 0))
     return total
+
+
+@dataclass(frozen=True)
+class PartitionProgress:
+    end: int  # the broker's end offset
+    committed: int | None  # the group's committed offset (next to read)
+
+
+def nothing_left_to_read(
+    progress: Mapping[Any, PartitionProgress], read_by_me: Mapping[Any, int | None]
+) -> bool:
+    """True when no partition has records the group has not got to.
+
+    ``read_by_me``: this worker's assigned partitions -> offset of the last record its
+    streams received (None: none since assignment). For those the worker's own reading
+    counts (commits trail reading by the commit interval and by Faust's ack
+    bookkeeping); for every other partition, the group's committed offset.
+    """
+    for tp, p in progress.items():
+        if tp in read_by_me:
+            last = read_by_me[tp]
+            position = (p.committed or 0) if last is None else max(last + 1, p.committed or 0)
+        else:
+            position = p.committed or 0
+        if p.end > position:
+            return False
+    return True
 
 
 class GroupBacklog:
@@ -52,7 +80,15 @@ class GroupBacklog:
             self._consumer = None
 
     async def measure(self) -> int:
-        """Current backlog in records (raises on broker errors)."""
+        """Current backlog in records, by the group's commits (raises on broker errors)."""
+        progress = await self.progress()
+        return backlog_of(
+            {tp: p.end for tp, p in progress.items()},
+            {tp: p.committed for tp, p in progress.items()},
+        )
+
+    async def progress(self) -> dict[Any, PartitionProgress]:
+        """End and committed offset of every partition of the topics."""
         from aiokafka import TopicPartition
 
         consumer = self._consumer
@@ -64,12 +100,13 @@ class GroupBacklog:
             for p in sorted(consumer.partitions_for_topic(topic) or ())
         ]
         if not tps:
-            return 0
+            return {}
         end = await consumer.end_offsets(tps)
         # One OffsetFetch for all partitions (what committed() does for one).
         fetched = await consumer._coordinator.fetch_committed_offsets(tps)
-        committed = {
-            tp: (None if meta is None or meta.offset < 0 else int(meta.offset))
-            for tp, meta in fetched.items()
-        }
-        return backlog_of(end, committed)
+        out: dict[Any, PartitionProgress] = {}
+        for tp in tps:
+            meta = fetched.get(tp)
+            committed = None if meta is None or meta.offset < 0 else int(meta.offset)
+            out[tp] = PartitionProgress(int(end[tp]), committed)
+        return out

@@ -148,11 +148,18 @@ def register_kafka_watchdog(rt: Any) -> None:
             pass
         return found
 
+    announced: set[str] = set()
+
     @rt.app.timer(interval=interval)
     async def watch_kafka_requests() -> None:
         import time
 
-        heads = request_queue_heads(clients())
+        found = clients()
+        for role in found.keys() - announced:
+            announced.add(role)
+            conns = len(getattr(found[role], "_conns", {}) or {})
+            log.info("kafka watchdog watching the %s's connections (%d now)", role, conns)
+        heads = request_queue_heads(found)
         buffered = producer_buffer_head(getattr(rt.app.producer, "buffer", None))
         if buffered is not None:
             heads.append(buffered)

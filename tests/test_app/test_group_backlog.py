@@ -9,13 +9,26 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.structs import OffsetAndMetadata
 
-from app.group_backlog import GroupBacklog, backlog_of
+from app.group_backlog import GroupBacklog, PartitionProgress, backlog_of, nothing_left_to_read
 
 
 def test_backlog_of_sums_uncommitted_records_and_never_goes_negative() -> None:
     end = {"a": 10, "b": 5, "c": 0, "d": 3}
     committed = {"a": 4, "b": 7, "c": None, "d": None}
     assert backlog_of(end, committed) == 6 + 0 + 0 + 3
+
+
+def test_own_partitions_count_what_this_worker_read_others_what_the_group_committed() -> None:
+    progress = {
+        "mine": PartitionProgress(end=100, committed=40),  # commits trail reading
+        "theirs": PartitionProgress(end=50, committed=50),
+    }
+    assert nothing_left_to_read(progress, {"mine": 99})
+    assert not nothing_left_to_read(progress, {"mine": 98})  # one record not read yet
+    assert not nothing_left_to_read(progress, {"mine": None})  # nothing read since assigned
+    assert not nothing_left_to_read(progress, {})  # not mine: the group is at 40 of 100
+    behind = {**progress, "theirs": PartitionProgress(end=50, committed=49)}
+    assert not nothing_left_to_read(behind, {"mine": 99})  # another worker's backlog
 
 
 async def test_probe_sees_records_the_group_has_not_committed(kafka_broker: Any) -> None:
@@ -50,6 +63,9 @@ async def test_probe_sees_records_the_group_has_not_committed(kafka_broker: Any)
         await committer.commit({TopicPartition(topic, 0): OffsetAndMetadata(3, ""),
                                 TopicPartition(topic, 1): OffsetAndMetadata(3, "")})
         assert await probe.measure() == 0
+        progress = await probe.progress()
+        assert {tp.partition: (p.end, p.committed) for tp, p in progress.items()} == {
+            0: (3, 3), 1: (3, 3)}
     finally:
         await committer.stop()
         await probe.stop()
