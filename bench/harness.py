@@ -98,9 +98,13 @@ def spawn_worker(
     topic_prefix: str,
     name: str = "worker0",
     log_format: str | None = None,
+    fetch_max_wait_ms: int | None = None,
 ) -> _Worker:
     """One worker process (``python -m app.cli worker --config``) with a fresh data dir
-    ``tmp/<name>`` and the config of :func:`bench.pipeline.worker_config`."""
+    ``tmp/<name>`` and the config of :func:`bench.pipeline.worker_config`.
+
+    ``fetch_max_wait_ms``: run it through :mod:`bench.fetch_wait_worker` instead (its Kafka
+    consumers wait at most that long per fetch; a diagnostic, not the shipped worker)."""
     port = free_port()
     data_dir = tmp / name
     cfg = worker_config(
@@ -111,6 +115,8 @@ def spawn_worker(
     env = {**os.environ, SECRET_ENV: SIM_SECRET, "PYTHONUNBUFFERED": "1"}
     env.pop("KAFKA_BOOTSTRAP_SERVERS", None)
     argv = [sys.executable, "-m", "app.cli", "worker", "--config", str(path)]
+    if fetch_max_wait_ms is not None:
+        argv[1:3] = ["-m", "bench.fetch_wait_worker", str(int(fetch_max_wait_ms))]
     if log_format:
         argv += ["--log-format", log_format]
     proc = procs.spawn(name, argv, tmp / f"{name}.log", env)

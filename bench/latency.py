@@ -106,6 +106,9 @@ class LatencyOptions:
     overrides: dict[str, Any] = field(default_factory=dict)
     drain_timeout: float = 30.0
     """After the last send, wait at most this long for the last calls."""
+    fetch_max_wait_ms: int | None = None
+    """Diagnostic: the worker's consumers wait at most this long per fetch instead of
+    Faust's fixed 1500 ms (:mod:`bench.fetch_wait_worker`)."""
     sustained: float | None = None
     """The sustained rate ``rate`` was derived from (for the report)."""
     sustained_source: str | None = None
@@ -483,6 +486,7 @@ async def _run(opts: LatencyOptions, procs: _Processes, tmp: Path) -> dict[str, 
             "batch_size": opts.batch_size,
             "overrides": opts.overrides,
             "quick": opts.quick,
+            "fetch_max_wait_ms": opts.fetch_max_wait_ms,
         },
         "machine": _machine_facts(),
         "code": _code_version(),
@@ -509,7 +513,13 @@ async def _run(opts: LatencyOptions, procs: _Processes, tmp: Path) -> dict[str, 
         api_url=f"{sim_base}/api/v2/",
         app_id=APP_ID,
         topic_prefix=TOPIC_PREFIX,
+        fetch_max_wait_ms=opts.fetch_max_wait_ms,
     )
+    if opts.fetch_max_wait_ms is not None:
+        _log(
+            f"DIAGNOSTIC worker: its consumers use fetch_max_wait_ms={opts.fetch_max_wait_ms} "
+            "instead of Faust's fixed 1500"
+        )
     _log(f"started the worker (pid {worker.proc.pid}); waiting for ready")
     gen = LatencyEvents(
         opts.contacts,
@@ -736,7 +746,17 @@ def format_table(result: dict[str, Any]) -> str:
         else ""
     )
     lag = p["schedule_lag"]["lag_s"]
+    diagnostic: list[tuple[str, str]] = []
+    if o.get("fetch_max_wait_ms") is not None:
+        diagnostic = [
+            (
+                "DIAGNOSTIC worker",
+                f"consumers with fetch_max_wait_ms={o['fetch_max_wait_ms']} (Faust's fixed "
+                "1500 replaced; not the shipped worker)",
+            )
+        ]
     rows: list[tuple[str, str]] = [
+        *diagnostic,
         ("target rate", f"{o['rate']:,.0f} events/s{rate_src}"),
         (
             "achieved produce rate",
@@ -916,6 +936,15 @@ def add_parser(sub: Any, override: Any) -> None:
         default=30.0,
         help="after the last send, wait at most this long for the last calls (30)",
     )
+    p.add_argument(
+        "--fetch-max-wait-ms",
+        type=int,
+        default=None,
+        metavar="MS",
+        help="DIAGNOSTIC: run the worker with its Kafka consumers' fetch_max_wait_ms set to MS "
+        "instead of Faust's fixed 1500 (bench.fetch_wait_worker): shows how much latency the "
+        "embedded broker's fetch wait adds",
+    )
     p.add_argument("--keep", action="store_true", help="keep the work dir after a good run")
     p.add_argument(
         "--results-dir",
@@ -960,6 +989,7 @@ def main(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         overrides=dict(args.overrides),
         drain_timeout=args.drain_timeout,
+        fetch_max_wait_ms=args.fetch_max_wait_ms,
         sustained=sustained if args.rate is None else args.sustained,
         sustained_source=source if args.rate is None else None,
         keep=args.keep,

@@ -3,6 +3,7 @@ sustained-rate lookup and the CLI (no broker, no worker)."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -292,3 +293,33 @@ def test_cli_rate_defaults_to_half_the_sustained_rate(
     # enough people for the cooldown at a high rate
     assert cli.main([*args, "--rate", "5000"]) == 0
     assert seen[-1].contacts >= 4 * 5000 * 0.15 * 10
+
+
+async def test_fetch_wait_worker_replaces_fausts_fetch_wait(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The diagnostic wrapper runs the real CLI with every consumer given a
+    fetch_max_wait_ms getting the replacement (here: a check-config run)."""
+    import aiokafka
+
+    from bench import fetch_wait_worker
+
+    monkeypatch.setattr(aiokafka.AIOKafkaConsumer, "__init__", aiokafka.AIOKafkaConsumer.__init__)
+    cfg = worker_config(PipelineOptions(), "127.0.0.1:1", "http://x/api/v2/", 1, tmp_path / "d")
+    path = tmp_path / "w.yaml"
+    path.write_bytes(orjson.dumps(cfg))  # JSON is YAML
+    monkeypatch.setenv("BENCH_EMARSYS_SECRET", "x")
+    handlers, level = logging.root.handlers[:], logging.root.level
+    try:
+        with pytest.raises(SystemExit) as done:
+            fetch_wait_worker.main(["77", "check-config", str(path)])
+    finally:  # the CLI configures logging; leave the test session's as it was
+        logging.root.handlers[:] = handlers
+        logging.root.setLevel(level)
+    assert done.value.code in (0, None)
+    patched = aiokafka.AIOKafkaConsumer(bootstrap_servers="127.0.0.1:1", fetch_max_wait_ms=1500)
+    untouched = aiokafka.AIOKafkaConsumer(bootstrap_servers="127.0.0.1:1")
+    assert patched._fetch_max_wait_ms == 77
+    assert untouched._fetch_max_wait_ms == 500  # aiokafka's default: only Faust's is replaced
+    await patched.stop()
+    await untouched.stop()
