@@ -48,7 +48,15 @@ import orjson
 
 from app.broker import EmbeddedBroker
 from bench.generate import _CATEGORIES, _DOMAINS, _FIRST, _LAST, _PAGES, _TRACKS, Person, _context
-from bench.harness import CpuWatch, cpu_line, read_records, spawn_simulator, spawn_worker, summarize
+from bench.harness import (
+    CpuWatch,
+    cpu_line,
+    percentile,
+    read_records,
+    spawn_simulator,
+    spawn_worker,
+    summarize,
+)
 from bench.pipeline import (
     INGEST_TOPIC,
     RESULTS_DIR,
@@ -681,6 +689,21 @@ async def _run(opts: LatencyOptions, procs: _Processes, tmp: Path) -> dict[str, 
         "target_p99_s": TARGET_P99_S,
         "meets_target": p99 is not None and p99 <= TARGET_P99_S and not unmatched,
         "histogram_100ms": _histogram(latencies, 0.1),
+        "p99_by_10s": _p99_by_window(
+            [
+                (send_at[i.n] - start, matched[i.n][0] - send_at[i.n])
+                for i in counted
+                if i.n in matched
+            ],
+            10.0,
+        ),
+        "by_second": _by_second(
+            [
+                (send_at[i.n] - start, matched[i.n][0] - send_at[i.n])
+                for i in counted
+                if i.n in matched
+            ]
+        ),
     }
     result["emarsys"] = {
         "upsert_calls": len(upserts),
@@ -704,6 +727,34 @@ async def _run(opts: LatencyOptions, procs: _Processes, tmp: Path) -> dict[str, 
     with contextlib.suppress(OSError):
         result["machine"]["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
     return result
+
+
+def _by_second(points: list[tuple[float, float]]) -> list[dict[str, Any]]:
+    """(seconds after the first send, latency) -> per whole second of sending: count, p50,
+    max (the latency over the run, to see whether it drifts or jumps)."""
+    buckets: dict[int, list[float]] = {}
+    for t, value in points:
+        buckets.setdefault(int(t), []).append(value)
+    out = []
+    for second in sorted(buckets):
+        values = sorted(buckets[second])
+        out.append(
+            {
+                "t": second,
+                "n": len(values),
+                "p50": round(percentile(values, 50) or 0.0, 3),
+                "max": round(values[-1], 3),
+            }
+        )
+    return out
+
+
+def _p99_by_window(points: list[tuple[float, float]], width: float) -> list[float]:
+    """p99 latency per ``width`` seconds of sending (windows without points left out)."""
+    buckets: dict[int, list[float]] = {}
+    for t, value in points:
+        buckets.setdefault(int(t // width), []).append(value)
+    return [round(percentile(sorted(buckets[k]), 99) or 0.0, 2) for k in sorted(buckets)]
 
 
 def _histogram(values: list[float], width: float) -> dict[str, int]:
@@ -783,6 +834,10 @@ def format_table(result: dict[str, Any]) -> str:
         ),
         ("latency append -> simulator call", line(a)),
         ("  mean / p99.9", f"{ms(a, 'mean')} / {ms(a, 'p99_9')}"),
+        (
+            "  p99 per 10 s of sending, s",
+            " ".join(f"{v:.1f}" for v in lat.get("p99_by_10s") or []) or "n/a",
+        ),
         ("  new contacts", line(lat["new_contacts_s"])),
         ("  updates of known contacts", line(lat["updates_s"])),
         ("  from broker ack", line(lat["ack_to_call_s"])),

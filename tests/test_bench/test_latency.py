@@ -323,3 +323,15 @@ async def test_fetch_wait_worker_replaces_fausts_fetch_wait(
     assert untouched._fetch_max_wait_ms == 500  # aiokafka's default: only Faust's is replaced
     await patched.stop()
     await untouched.stop()
+
+
+def test_latency_over_the_run_windows() -> None:
+    points = [(0.2, 1.0), (0.7, 3.0), (1.5, 2.0), (12.0, 0.5), (19.9, 0.7)]
+    assert latency._by_second(points) == [
+        {"t": 0, "n": 2, "p50": 1.0, "max": 3.0},
+        {"t": 1, "n": 1, "p50": 2.0, "max": 2.0},
+        {"t": 12, "n": 1, "p50": 0.5, "max": 0.5},
+        {"t": 19, "n": 1, "p50": 0.7, "max": 0.7},
+    ]
+    assert latency._p99_by_window(points, 10.0) == [3.0, 0.7]
+    assert latency._p99_by_window([], 10.0) == []
