@@ -95,6 +95,9 @@ DAY_MS = 86_400_000
 #: Fixed "now" of the generated records (so the bytes do not depend on the clock).
 BASE_MS = int(datetime(2026, 11, 1, tzinfo=UTC).timestamp() * 1000)
 AUDIENCES = ("vip_customers", "cart_abandoners", "newsletter_engaged", "high_ltv")
+#: Faust's ``consumer_max_fetch_size`` default: bytes per partition per fetch, which the
+#: worker's recovery reads with (its ``fetch_max_wait_ms`` is a fixed 1500).
+FAUST_FETCH_BYTES = 1024**2
 
 
 def changelog_topic(app_id: str = APP_ID) -> str:
@@ -117,6 +120,8 @@ class StateOptions:
     ready_timeout: float = 1800.0
     """Give up when the worker is not ready this many seconds after its start."""
     raw_read: bool = True
+    raw_fetch_bytes: int = FAUST_FETCH_BYTES
+    """Bytes per partition per fetch of the reference read (Faust's default: 1 MiB)."""
     keep: bool = False
     quick: bool = False
     results_dir: Path = RESULTS_DIR
@@ -322,8 +327,11 @@ async def broker_end_offsets(bootstrap: str, topic: str, partitions: int) -> dic
     }
 
 
-async def raw_read(bootstrap: str, topic: str, ends: dict[int, int]) -> tuple[float, int, int]:
-    """Read ``topic`` from the beginning to ``ends`` with a plain consumer (no parsing).
+async def raw_read(
+    bootstrap: str, topic: str, ends: dict[int, int], fetch_bytes: int = FAUST_FETCH_BYTES
+) -> tuple[float, int, int]:
+    """Read ``topic`` from the beginning to ``ends`` with a plain consumer (no parsing),
+    fetching at most ``fetch_bytes`` per partition at a time like the worker's recovery.
 
     Returns (seconds, records, bytes of keys + values); the clock starts once the
     consumer is positioned."""
@@ -334,8 +342,9 @@ async def raw_read(bootstrap: str, topic: str, ends: dict[int, int]) -> tuple[fl
         group_id=None,
         enable_auto_commit=False,
         auto_offset_reset="earliest",
-        max_partition_fetch_bytes=4 * 1024 * 1024,
+        max_partition_fetch_bytes=fetch_bytes,
         fetch_max_bytes=64 * 1024 * 1024,
+        fetch_max_wait_ms=1500,
     )
     await consumer.start()
     try:
@@ -675,8 +684,9 @@ async def _run(opts: StateOptions, procs: _Processes, tmp: Path) -> dict[str, An
     # 4. reference read ----------------------------------------------------------------
     if opts.raw_read:
         watch = CpuWatch(base_pids)
-        seconds, count, size = await raw_read(bootstrap, topic, written)
+        seconds, count, size = await raw_read(bootstrap, topic, written, opts.raw_fetch_bytes)
         result["raw_read"] = {
+            "fetch_bytes_per_partition": opts.raw_fetch_bytes,
             "seconds": round(seconds, 3),
             "records": count,
             "records_per_s": round(count / seconds),
@@ -874,7 +884,10 @@ def format_table(result: dict[str, Any]) -> str:
         ("  CPU meanwhile, cores", cpu_line(w["cpu"])),
         (
             "raw aiokafka read of the changelog",
-            "n/a" if not raw else f"{raw['seconds']:.2f} s, {raw['records_per_s']:,} records/s",
+            "n/a"
+            if not raw
+            else f"{raw['seconds']:.2f} s, {raw['records_per_s']:,} records/s "
+            f"({raw.get('fetch_bytes_per_partition', 0) / 2**20:g} MiB per partition and fetch)",
         ),
         ("", ""),
         ("worker start -> ready (restored)", f"{rec['seconds_start_to_ready']:.2f} s"),
@@ -1033,6 +1046,13 @@ def add_parser(sub: Any, override: Any) -> None:
     )
     p.add_argument("--in-flight", type=int, default=2, help="produce requests outstanding (2)")
     p.add_argument(
+        "--raw-fetch-bytes",
+        type=int,
+        default=FAUST_FETCH_BYTES,
+        help="bytes per partition per fetch of the reference read (1 MiB: Faust's "
+        "consumer_max_fetch_size, what the worker's recovery fetches with)",
+    )
+    p.add_argument(
         "--no-raw-read",
         action="store_true",
         help="skip the reference read of the changelog with a plain consumer",
@@ -1072,6 +1092,7 @@ def main(args: argparse.Namespace) -> int:
         overrides=dict(args.overrides),
         ready_timeout=args.ready_timeout,
         raw_read=not args.no_raw_read,
+        raw_fetch_bytes=args.raw_fetch_bytes,
         keep=args.keep,
         quick=args.quick,
         results_dir=args.results_dir,
