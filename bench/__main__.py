@@ -1,4 +1,4 @@
-"""``python -m bench pipeline [options]``: see bench/README.md."""
+"""``python -m bench pipeline|latency|state [options]``: see bench/README.md."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from pathlib import Path
 
 import yaml
 
+from bench import latency, state
 from bench.generate import RULE_CATEGORIES, RULE_TEMPLATES
 from bench.pipeline import RESULTS_DIR, BenchError, PipelineOptions, run_pipeline
 
@@ -150,11 +151,20 @@ def build_parser() -> argparse.ArgumentParser:
         default=RESULTS_DIR,
         help="where to write <timestamp>.json (bench/results)",
     )
+    latency.add_parser(sub, _override)
+    state.add_parser(sub, _override)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    other = {"latency": latency.main, "state": state.main}.get(args.command)
+    if other is not None:
+        try:
+            return other(args)
+        except BenchError as exc:
+            print(f"bench: {exc}", file=sys.stderr)
+            return 2
     if args.command != "pipeline":  # pragma: no cover - argparse enforces the choices
         return 2
     events = args.events or (QUICK_EVENTS if args.quick else DEFAULT_EVENTS)

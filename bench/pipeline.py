@@ -2150,9 +2150,10 @@ def _comparison_rows(result: dict[str, Any]) -> list[tuple[str, str]]:
     return rows
 
 
-def write_result(result: dict[str, Any], directory: Path) -> Path:
+def write_result(result: dict[str, Any], directory: Path, suffix: str = "") -> Path:
+    """``directory/<timestamp><suffix>.json`` (``-2``, ``-3``... if it exists)."""
     directory.mkdir(parents=True, exist_ok=True)
-    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S") + suffix
     path = directory / f"{stamp}.json"
     n = 1
     while path.exists():
