@@ -167,10 +167,11 @@ class ContactUpdater:
         # Later event time wins per field within the batch: a value from an event older
         # than one already applied for that field is ignored (neither sent nor remembered
         # as queued, which would make the newer value look unsent / the older one current).
+        # Across batches the record's fields_at carries the same rule.
         field_ts = batch.field_ts.setdefault(pk, {})
         winning: dict[str, Any] = {}
         for fid, value in self.data_map.fields_for(event).items():
-            prev_ts = field_ts.get(fid)
+            prev_ts = field_ts.get(fid, rec.fields_at.get(fid))
             if prev_ts is None or ts >= prev_ts:
                 winning[fid] = value
                 field_ts[fid] = ts
@@ -178,6 +179,8 @@ class ContactUpdater:
         if self.audiences is not None:
             for signal in _audience_signals(event):
                 lists_changed |= self._audience(batch, pk, rec, signal, ts, winning, field_ts)
+        for fid in winning:
+            rec.fields_at[fid] = field_ts[fid]
         changed = changed_fields(rec, winning)
         new_contact = not rec.created_in_emarsys
         if not changed and not new_contact:
@@ -226,7 +229,7 @@ class ContactUpdater:
         # or the field was written before (an exit of a never-member costs nothing).
         fid = target.field_id
         if fid is not None and (now or before is True or field_sent_before):
-            prev_ts = field_ts.get(fid)
+            prev_ts = field_ts.get(fid, rec.fields_at.get(fid))
             if prev_ts is None or ts >= prev_ts:
                 winning[fid] = target.field_values[now]
                 field_ts[fid] = ts

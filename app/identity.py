@@ -56,10 +56,15 @@ class UserRecord:
     audiences: dict[str, bool] = field(default_factory=dict)
     #: Audience key -> event time (epoch ms) of the signal that decided ``audiences``.
     audiences_at: dict[str, int] = field(default_factory=dict)
+    #: Field id -> event time (epoch ms) of the newest event that set it, so an older
+    #: event processed later (Segment topics are unkeyed: a person's events arrive through
+    #: different partitions, in any order) cannot overwrite a newer value.
+    fields_at: dict[str, int] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """Stable JSON-ready shape (lists and dicts copied). Every key is always present
-        except ``audiences`` and ``audiences_at``, which are written only once the contact
+        except ``fields_at`` (once a mapped field was set) and ``audiences`` /
+        ``audiences_at``, which are written only once the contact
         has an audience signal (most contacts never do; older records stay byte-identical).
         """
         out = {
@@ -77,6 +82,8 @@ class UserRecord:
         if self.audiences or self.audiences_at:
             out["audiences"] = dict(self.audiences)
             out["audiences_at"] = dict(self.audiences_at)
+        if self.fields_at:
+            out["fields_at"] = dict(self.fields_at)
         return out
 
     @classmethod
@@ -95,6 +102,7 @@ class UserRecord:
         counts = data.get("counts_by_type")
         audiences = data.get("audiences")
         audiences_at = data.get("audiences_at")
+        fields_at = data.get("fields_at")
         return cls(
             primary_key=pk,
             user_ids=_str_list(data.get("user_ids")),
@@ -122,6 +130,11 @@ class UserRecord:
             audiences_at=(
                 {str(k): _as_int(v, 0) for k, v in audiences_at.items()}
                 if isinstance(audiences_at, Mapping)
+                else {}
+            ),
+            fields_at=(
+                {str(k): _as_int(v, 0) for k, v in fields_at.items()}
+                if isinstance(fields_at, Mapping)
                 else {}
             ),
         )

@@ -267,6 +267,23 @@ def test_older_event_does_not_override_newer_unchanged_value() -> None:
     assert s.record().fields_sent == {"1": "Ann"}
 
 
+def test_older_event_in_a_later_batch_does_not_override_a_newer_value() -> None:
+    # Segment topics are unkeyed: a person's newer identify can be processed in an
+    # earlier batch than an older one. The older value must not reach Emarsys.
+    s = make()
+    _, ops = s.batch([ev("new", 3_000, traits={"firstName": "New", "optin": False})])
+    assert ops[0]["fields"] == {"1": "New", "31": 2}
+    b, ops = s.batch([ev("old", 1_000, traits={"firstName": "Old", "optin": True})])
+    assert ops == [] and b.unchanged == 1
+    rec = s.record()
+    assert rec.fields_sent == {"1": "New", "31": 2}
+    assert rec.fields_at == {"1": 3_000, "31": 3_000}
+    assert UserRecord.from_dict(orjson.loads(orjson.dumps(rec.to_dict()))) == rec
+    # A newer event still changes it.
+    _, ops = s.batch([ev("newer", 4_000, traits={"firstName": "Newer"})])
+    assert ops[0]["fields"] == {"1": "Newer"}
+
+
 def test_equal_event_time_later_processed_wins() -> None:
     s = make()
     _, ops = s.batch(
