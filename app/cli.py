@@ -154,7 +154,8 @@ def run(
             # session timeout: a short one makes `run` ready in seconds.
             worker_tuning = settings.worker.model_copy(
                 update={"producer_max_batch_size": 1, "session_timeout": 6.0,
-                        "heartbeat_interval": 1.0}
+                        "heartbeat_interval": 1.0,
+                        "fetch_max_wait_ms": settings.worker.fetch_max_wait_ms or 50}
             )
             settings = settings.model_copy(
                 update={"data_dir": str(fresh), "worker": worker_tuning}

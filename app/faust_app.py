@@ -119,8 +119,39 @@ def late_topic_name(settings: Settings) -> str:
     return str(name) if name else settings.topic("late-events")
 
 
+#: id(app) -> worker.fetch_max_wait_ms, read by the consumer hook below.
+_FETCH_MAX_WAIT_MS: dict[int, int] = {}
+
+
+def _install_fetch_max_wait_hook() -> None:
+    """Let ``worker.fetch_max_wait_ms`` reach the worker's aiokafka consumer.
+
+    Faust passes a fixed ``fetch_max_wait_ms=1500`` when it builds the consumer and has
+    no setting for it; the value is only read when the consumer starts, so it is set on
+    the new consumer right after Faust built it (before start).
+    """
+    from faust.transport.drivers.aiokafka import AIOKafkaConsumerThread
+
+    if getattr(AIOKafkaConsumerThread, "_emarsys_fetch_wait_hook", False):
+        return
+    original = AIOKafkaConsumerThread._create_worker_consumer
+
+    def create(self: Any, transport: Any) -> Any:
+        consumer = original(self, transport)
+        wait_ms = _FETCH_MAX_WAIT_MS.get(id(self.app))
+        if wait_ms is not None:
+            consumer._fetch_max_wait_ms = wait_ms
+        return consumer
+
+    AIOKafkaConsumerThread._create_worker_consumer = create  # type: ignore[method-assign]
+    AIOKafkaConsumerThread._emarsys_fetch_wait_hook = True  # type: ignore[attr-defined]
+
+
 def build_runtime(settings: Settings, *, agents: bool = True) -> Runtime:
     app = faust.App(**faust_settings(settings))
+    if settings.worker.fetch_max_wait_ms is not None:
+        _install_fetch_max_wait_hook()
+        _FETCH_MAX_WAIT_MS[id(app)] = settings.worker.fetch_max_wait_ms
     n = settings.kafka.partitions
     topics = Topics(
         ingest=_topic(app, settings.kafka.ingest_topic, n),

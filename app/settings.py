@@ -454,6 +454,12 @@ class WorkerSettings(_Section):
     # Apache Kafka reports end offsets correctly: keep the default.
     producer_max_batch_size: int = Field(default=16384, ge=1)
     standby_replicas: int = Field(default=0, ge=0)
+    # How long a fetch may wait for data (aiokafka fetch_max_wait_ms). None keeps Faust's
+    # fixed 1500 ms. Apache Kafka answers a fetch as soon as a record is there, so this
+    # only bounds idle polling; the embedded (Tansu) broker holds fetches for a large part
+    # of the wait even when records arrive, adding up to the wait to each of the three
+    # consumer hops: `run` uses 50 there.
+    fetch_max_wait_ms: int | None = Field(default=None, ge=1, le=60_000)
     # A Kafka request unanswered this long is logged (API, broker, queue depth).
     kafka_stall_warning: Annotated[Duration, Field(gt=0)] = 20.0
 

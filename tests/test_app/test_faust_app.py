@@ -71,3 +71,22 @@ def test_every_documented_topic_is_declared_with_the_configured_partitions() -> 
         "es.late-events",
     }
     assert {t.partitions for t in names.values()} == {6}
+
+
+async def test_fetch_max_wait_reaches_the_workers_aiokafka_consumer() -> None:
+    # Faust builds its consumer with a fixed fetch_max_wait_ms=1500; the setting replaces it.
+    # (Built, not started: aiokafka connects only in start().)
+    def consumer_wait(worker: dict[str, Any]) -> int:
+        s = settings_from_mapping({**cfg(), "worker": worker})
+        rt = build_runtime(s, agents=False)
+        thread = rt.app.consumer._thread  # type: ignore[attr-defined]
+        consumer = thread._create_worker_consumer(rt.app.transport)
+        return int(consumer._fetch_max_wait_ms)
+
+    assert consumer_wait({"fetch_max_wait_ms": 50}) == 50
+    assert consumer_wait({}) == 1500
+
+
+def test_fetch_max_wait_is_validated_with_its_key() -> None:
+    with pytest.raises(ConfigError, match="worker.fetch_max_wait_ms"):
+        settings_from_mapping({**cfg(), "worker": {"fetch_max_wait_ms": 0}})
