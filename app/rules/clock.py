@@ -6,13 +6,14 @@ sources that delivered something within ``idle_timeout``. Partitions of an unkey
 Segment topic advance at different speeds; taking the minimum keeps one fast partition
 from making the others' events late.
 
-When every source is idle the clock may follow wall time from the newest event, so a
-trailing "did not happen" step fires even if nobody sends anything (FLINK-15160) — but
-only when the consumer group has nothing left to read (``caught_up``). A source that
-is silent because the group is rebalancing, a worker restarting, or a backlog still
-waiting upstream is paused, not idle: following wall time then would push the
+A source quiet for ``idle_timeout`` stops holding the clock back, and when every source
+is quiet the clock follows wall time from the newest event, so a trailing "did not
+happen" step fires even if nobody sends anything (FLINK-15160) — but both only when the
+consumer group has nothing left to read (``caught_up``). A source that is silent
+because the group is rebalancing, a worker restarting, a backlog still waiting upstream
+or a slower hop is paused, not idle: dropping it or following wall time would push the
 watermark past events that are on their way and make them late. While not caught up
-the clock holds at the lowest source.
+the clock is the lowest of all sources.
 
 Pure apart from the injectable monotonic clock; never goes back.
 """
@@ -61,14 +62,17 @@ class EventClock:
         if not self.max_ts:
             return None
         now = self._now()
-        active = [
-            ts for src, ts in self.max_ts.items()
-            if now - self.last_arrival[src] < self.idle_timeout_s
-        ]
+        if caught_up:
+            active = [
+                ts for src, ts in self.max_ts.items()
+                if now - self.last_arrival[src] < self.idle_timeout_s
+            ]
+        else:
+            # A quiet source may just be behind (its partition's backlog, a slower
+            # identity hop, a rebalance): it still holds the clock.
+            active = list(self.max_ts.values())
         if active:
             base = min(active)
-        elif not caught_up:
-            base = min(self.max_ts.values())  # paused, not idle: hold
         else:
             newest = max(self.last_arrival.values())
             base = max(self.max_ts.values()) + int((now - newest) * 1000)

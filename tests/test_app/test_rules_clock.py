@@ -71,3 +71,14 @@ def test_never_goes_back() -> None:
     assert high == 54_000
     c.observe(10_000, "p9")  # a slow new source appears
     assert c.watermark(caught_up=True) == high
+
+
+def test_a_quiet_source_holds_the_clock_until_the_group_is_caught_up() -> None:
+    # p1's events take a slower hop: it has been quiet for longer than idle_timeout while
+    # p0 keeps delivering. Dropping p1 from the minimum would make its events late.
+    c, mono = clock()
+    c.observe(20_000, "p1")
+    mono.t += 5.0
+    c.observe(60_000, "p0")
+    assert c.watermark(caught_up=False) == 20_000 - 1000
+    assert c.watermark(caught_up=True) == 60_000 - 1000  # truly idle: p1 no longer counts
