@@ -13,7 +13,9 @@ consumer group has nothing left to read (``caught_up``). A source that is silent
 because the group is rebalancing, a worker restarting, a backlog still waiting upstream
 or a slower hop is paused, not idle: dropping it or following wall time would push the
 watermark past events that are on their way and make them late. While not caught up
-the clock is the lowest of all sources.
+the clock is the lowest of all sources — for at most ``max(10 x idle_timeout, 60 s)``
+of complete silence, after which silence wins (a stalled progress report must not keep
+a trailing step from ever firing).
 
 Pure apart from the injectable monotonic clock; never goes back.
 """
@@ -42,6 +44,8 @@ class EventClock:
         self.max_ts: dict[Hashable, int] = {}
         self.last_arrival: dict[Hashable, float] = {}
         self._last_watermark: int | None = None
+        #: Longest silence treated as a pause while the group reports records left.
+        self.pause_limit_s = max(10 * idle_timeout_s, 60.0)
 
     def observe(self, ts_ms: int, source: Hashable = None) -> None:
         if ts_ms > self.max_ts.get(source, -(2**62)):
@@ -62,6 +66,11 @@ class EventClock:
         if not self.max_ts:
             return None
         now = self._now()
+        quiet_for = now - max(self.last_arrival.values())
+        if not caught_up and quiet_for >= self.pause_limit_s:
+            # Everything silent far longer than any rebalance or restart: trust silence
+            # over a progress report that may be stale (commits can stall for minutes).
+            caught_up = True
         if caught_up:
             active = [
                 ts for src, ts in self.max_ts.items()

@@ -46,7 +46,7 @@ def test_silence_with_a_backlog_is_not_idleness_the_clock_holds() -> None:
     c.observe(30_000, "p1")
     mono.t += 8.0
     assert c.watermark(caught_up=False) == 30_000 - 1000
-    mono.t += 60.0
+    mono.t += 40.0  # still within the pause limit (60 s here)
     assert c.watermark(caught_up=False) == 30_000 - 1000
     # The backlog arrives with its old timestamps: not late.
     c.observe(30_500, "p1")
@@ -82,3 +82,15 @@ def test_a_quiet_source_holds_the_clock_until_the_group_is_caught_up() -> None:
     c.observe(60_000, "p0")
     assert c.watermark(caught_up=False) == 20_000 - 1000
     assert c.watermark(caught_up=True) == 60_000 - 1000  # truly idle: p1 no longer counts
+
+
+def test_a_pause_longer_than_the_limit_counts_as_idleness_after_all() -> None:
+    # The group still reports records left (e.g. a commit that stalls), but nothing has
+    # arrived for far longer than any rebalance: the clock moves on instead of never.
+    c, mono = clock(idle_s=2.0)  # limit: max(10 x 2 s, 60 s) = 60 s
+    c.observe(20_000, "p1")
+    c.observe(50_000, "p0")
+    mono.t += 59.0
+    assert c.watermark(caught_up=False) == 20_000 - 1000
+    mono.t += 1.0
+    assert c.watermark(caught_up=False) == 50_000 + 60_000 - 1000
