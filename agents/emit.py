@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Iterable
+from collections.abc import Awaitable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import orjson
 
+from app.dead_letter import dead_letter_envelope
+from app.envelope import pack, unpack
 from app.resolution import Emit
 
 if TYPE_CHECKING:
@@ -14,16 +16,15 @@ if TYPE_CHECKING:
 
     from app.faust_app import Runtime
 
-__all__ = ["delivered", "send_emits", "send_json", "source_of"]
-
-
-def _topic_for(rt: Runtime, target: str) -> faust.TopicT:
-    t = rt.topics
-    return {
-        "identity": t.identity,
-        "contact_events": t.contact_events,
-        "dead_letters": t.dead_letters,
-    }[target]
+__all__ = [
+    "chunks",
+    "delivered",
+    "envelope_records",
+    "send_emits",
+    "send_json",
+    "send_records",
+    "source_of",
+]
 
 
 async def send_json(topic: faust.TopicT, key: str | None, value: object) -> Awaitable[Any]:
@@ -37,8 +38,66 @@ async def send_json(topic: faust.TopicT, key: str | None, value: object) -> Awai
     )
 
 
+async def send_records(
+    topic: faust.TopicT, records: Iterable[tuple[str, Any]], partitions: int
+) -> list[Awaitable[Any]]:
+    """Send keyed records to an envelope topic (``identity``, ``contact-events``).
+
+    One message per partition per call (more when large, see :mod:`app.envelope`).
+    """
+    return [
+        await topic.send(key=None, value=env.value, partition=env.partition)
+        for env in pack(records, partitions)
+    ]
+
+
 async def send_emits(rt: Runtime, emits: Iterable[Emit]) -> list[Awaitable[Any]]:
-    return [await send_json(_topic_for(rt, e.target), e.key, e.value) for e in emits]
+    by_target: dict[str, list[tuple[str, Any]]] = {}
+    for e in emits:
+        by_target.setdefault(e.target, []).append((e.key, e.value))
+    n = rt.settings.kafka.partitions
+    sent: list[Awaitable[Any]] = []
+    for target, records in by_target.items():
+        if target == "identity":
+            sent.extend(await send_records(rt.topics.identity, records, n))
+        elif target == "contact_events":
+            sent.extend(await send_records(rt.topics.contact_events, records, n))
+        else:
+            topic = rt.topics.dead_letters
+            sent.extend([await send_json(topic, key, value) for key, value in records])
+    return sent
+
+
+async def envelope_records(
+    rt: Runtime, events: Iterable[faust.EventT]
+) -> list[tuple[str, dict[str, Any], faust.EventT]]:
+    """Every record in ``events`` with the event that carried it, in order.
+
+    Anything that is not a record goes to the dead-letter topic (reason
+    ``malformed_internal_message``) and is counted; it is never silently dropped.
+    """
+    out: list[tuple[str, dict[str, Any], faust.EventT]] = []
+    for ev in events:
+        records, bad = unpack(ev.key, ev.value)
+        out.extend((key, value, ev) for key, value in records)
+        for item in bad:
+            rt.metrics.events_invalid.labels("malformed_internal_message").inc()
+            await send_json(
+                rt.topics.dead_letters,
+                None,
+                dead_letter_envelope(
+                    "malformed_internal_message", item.error, item.raw, source_of(ev)
+                ),
+            )
+    return out
+
+
+def chunks(
+    records: list[tuple[str, dict[str, Any], Any]], size: int
+) -> Iterator[list[tuple[str, dict[str, Any], Any]]]:
+    """``records`` cut into runs of at most ``size`` (a batch of envelopes can be big)."""
+    for i in range(0, len(records), size):
+        yield records[i : i + size]
 
 
 async def delivered(sent: Iterable[Awaitable[Any]]) -> None:

@@ -6,9 +6,8 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any
 
-import orjson
-
-from agents.emit import delivered, send_emits
+from agents.emit import chunks, delivered, envelope_records, send_emits
+from app.envelope import partition_for_key
 from app.resolution import Emit, IdentityResolver, IdentityState
 from tables.context import PartitionEvent
 from tables.view import TableView
@@ -35,49 +34,44 @@ def register(rt: Runtime) -> None:
     @rt.app.agent(rt.topics.identity, name="identity")
     async def identity(stream):  # type: ignore[no-untyped-def]
         async for events in stream.take_events(s.worker.batch_max, s.worker.batch_within):
-            by_key: dict[str, Any] = {}
-            for ev in events:
-                by_key[ev.key.decode() if isinstance(ev.key, bytes) else str(ev.key)] = ev
-            state = IdentityState(
-                anonymous_ids=TableView(t.anonymous_ids, by_key),
-                user_ids=TableView(t.user_ids, by_key),
-                held=TableView(t.held_events, by_key),
-            )
-            resolver = IdentityResolver(
-                state,
-                hold_max_per_id=s.identity.hold_max_per_id,
-                hold_expiry_ms=int(s.identity.hold_expiry * 1000),
-                now_ms=_now_ms,
-            )
-            emits: list[Emit] = []
-            for ev in events:
-                key = ev.key.decode() if isinstance(ev.key, bytes) else str(ev.key)
-                emits.extend(resolver.handle(key, orjson.loads(ev.value)))
-            # Messages first, state after the broker has them (see agents.emit.delivered).
-            await delivered(await send_emits(rt, emits))
-            for view in (state.anonymous_ids, state.user_ids, state.held):
-                assert isinstance(view, TableView)
-                view.flush()
-            st = resolver.stats
-            if st.held:
-                m.held.inc(st.held)
-            if st.released:
-                m.released.inc(st.released)
-            if st.expired:
-                m.expired.labels("expired").inc(st.expired)
-            if st.overflow:
-                m.expired.labels("overflow").inc(st.overflow)
-            if st.expired or st.overflow:
-                log.warning("dead letters written: %d held event(s) expired or over the bound",
-                            st.expired + st.overflow,
-                            extra={"expired": st.expired, "overflow": st.overflow})
+            records = await envelope_records(rt, events)
+            for chunk in chunks(records, s.worker.batch_max):
+                await handle(chunk)
 
-
-def partition_for_key(key: bytes, partitions: int) -> int:
-    """The partition the producer's default partitioner (murmur2) gives ``key``."""
-    from aiokafka.partitioner import murmur2
-
-    return (murmur2(key) & 0x7FFFFFFF) % partitions
+    async def handle(records: list[tuple[str, dict[str, Any], Any]]) -> None:
+        by_key: dict[str, Any] = {key: ev for key, _value, ev in records}
+        state = IdentityState(
+            anonymous_ids=TableView(t.anonymous_ids, by_key),
+            user_ids=TableView(t.user_ids, by_key),
+            held=TableView(t.held_events, by_key),
+        )
+        resolver = IdentityResolver(
+            state,
+            hold_max_per_id=s.identity.hold_max_per_id,
+            hold_expiry_ms=int(s.identity.hold_expiry * 1000),
+            now_ms=_now_ms,
+        )
+        emits: list[Emit] = []
+        for key, value, _ev in records:
+            emits.extend(resolver.handle(key, value))
+        # Messages first, state after the broker has them (see agents.emit.delivered).
+        await delivered(await send_emits(rt, emits))
+        for view in (state.anonymous_ids, state.user_ids, state.held):
+            assert isinstance(view, TableView)
+            view.flush()
+        st = resolver.stats
+        if st.held:
+            m.held.inc(st.held)
+        if st.released:
+            m.released.inc(st.released)
+        if st.expired:
+            m.expired.labels("expired").inc(st.expired)
+        if st.overflow:
+            m.expired.labels("overflow").inc(st.overflow)
+        if st.expired or st.overflow:
+            log.warning("dead letters written: %d held event(s) expired or over the bound",
+                        st.expired + st.overflow,
+                        extra={"expired": st.expired, "overflow": st.overflow})
 
 
 def register_held_sweep(rt: Runtime) -> None:

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from agents.emit import send_json
+from agents.emit import send_json, send_records
 from app.audiences import LIST_OP, ListOperation
 from app.emarsys.batching import (
     ContactChange,
@@ -135,7 +135,7 @@ def register(rt: Runtime) -> None:
         }
         if audiences:
             msg["audiences"] = audiences  # audience -> the refused action ("add"/"delete")
-        await send_json(topics.contact_events, pk, msg)
+        await send_records(topics.contact_events, [(pk, msg)], s.kafka.partitions)
 
     @rt.app.agent(topics.operations, name="output")
     async def output(stream):  # type: ignore[no-untyped-def]

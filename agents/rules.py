@@ -27,9 +27,7 @@ import time
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-import orjson
-
-from agents.emit import delivered, send_json
+from agents.emit import chunks, delivered, envelope_records, send_json, send_records
 from app.durations import parse_duration
 from app.rules import RuleEngine, RuleMatch, parse_rules, trigger_id
 from app.rules.clock import EventClock
@@ -99,71 +97,74 @@ def register(rt: Runtime) -> None:
     @rt.app.agent(topics.contact_events, name="rules")
     async def rules(stream):  # type: ignore[no-untyped-def]
         async for events in stream.take_events(s.worker.batch_max, s.worker.batch_within):
-            by_pk: dict[str, Any] = {}
-            items: list[tuple[str, dict[str, Any]]] = []
-            for ev in events:
-                pk = ev.key.decode() if isinstance(ev.key, bytes) else str(ev.key)
-                by_pk[pk] = ev
-                msg = orjson.loads(ev.value)
-                if msg.get("kind") == "event" and msg.get("path") != "held":
-                    # One clock source per ingest partition AND path: events that took
-                    # the identity hop arrive later than direct ones from the same
-                    # partition, so the slowest path holds the watermark back. Released
-                    # held events are old by nature and must not move the clock.
-                    src = msg.get("source") or {}
-                    clock.observe(
-                        int(msg["ts"]), (src.get("topic"), src.get("partition"), msg.get("path"))
-                    )
-                items.append((pk, msg))
-            view = TableView(table, by_pk)
-            matches: list[tuple[str, RuleMatch]] = []
-            late: list[tuple[str, dict[str, Any]]] = []
-            for pk, msg in items:
-                kind = msg.get("kind")
-                wm = clock.watermark(caught_up=group["caught_up"])
-                if wm is None:
-                    if kind != "event":
-                        continue  # a timer before this worker saw any event: nothing due
-                    # Only released held events so far (they never move the clock):
-                    # judge this one by its own time rather than skip it.
-                    wm = int(msg["ts"]) - ruleset.allowed_lateness_ms
-                state = view.get(pk)
-                if kind == "event":
-                    event = msg["event"]
-                    res = engine.on_event(
-                        state, event, int(msg["ts"]), str(event.get("messageId")), watermark_ms=wm
-                    )
-                    if res.late:
-                        late.append((pk, msg))
-                elif kind == "timer":
-                    if state is None:
-                        continue
-                    res = engine.advance_time(state, max(wm, int(msg.get("watermark_ms", wm))))
-                else:
+            records = await envelope_records(rt, events)
+            for chunk in chunks(records, s.worker.batch_max):
+                await handle(chunk)
+
+    async def handle(records: list[tuple[str, dict[str, Any], Any]]) -> None:
+        by_pk: dict[str, Any] = {}
+        items: list[tuple[str, dict[str, Any]]] = []
+        for pk, msg, ev in records:
+            by_pk[pk] = ev
+            if msg.get("kind") == "event" and msg.get("path") != "held":
+                # One clock source per ingest partition AND path: events that took
+                # the identity hop arrive later than direct ones from the same
+                # partition, so the slowest path holds the watermark back. Released
+                # held events are old by nature and must not move the clock.
+                src = msg.get("source") or {}
+                clock.observe(
+                    int(msg["ts"]), (src.get("topic"), src.get("partition"), msg.get("path"))
+                )
+            items.append((pk, msg))
+        view = TableView(table, by_pk)
+        matches: list[tuple[str, RuleMatch]] = []
+        late: list[tuple[str, dict[str, Any]]] = []
+        for pk, msg in items:
+            kind = msg.get("kind")
+            wm = clock.watermark(caught_up=group["caught_up"])
+            if wm is None:
+                if kind != "event":
+                    continue  # a timer before this worker saw any event: nothing due
+                # Only released held events so far (they never move the clock):
+                # judge this one by its own time rather than skip it.
+                wm = int(msg["ts"]) - ruleset.allowed_lateness_ms
+            state = view.get(pk)
+            if kind == "event":
+                event = msg["event"]
+                res = engine.on_event(
+                    state, event, int(msg["ts"]), str(event.get("messageId")), watermark_ms=wm
+                )
+                if res.late:
+                    late.append((pk, msg))
+            elif kind == "timer":
+                if state is None:
                     continue
-                view[pk] = res.state
-                _count(m, res.stats)
-                matches.extend((pk, mt) for mt in res.matches)
-                if res.next_deadline_ms is None:
-                    deadlines.pop(pk, None)
-                else:
-                    deadlines[pk] = res.next_deadline_ms
-            # Triggers and late events first; the state recording them as fired only
-            # once the broker has them (see agents.emit.delivered).
-            sent: list[Any] = []
-            for pk, match in matches:
-                sent.extend(await emit_match(pk, match))
-            for pk, msg in late:
-                m.late_events.inc()
-                sent.append(await send_json(topics.late_events, pk, msg))
-            await delivered(sent)
-            view.flush()
-            if matches:
-                by_rule: dict[str, int] = {}
-                for _pk, match in matches:
-                    by_rule[match.rule] = by_rule.get(match.rule, 0) + 1
-                log.info("rule matches: %d", len(matches),
-                         extra={"matches": len(matches), "by_rule": by_rule})
+                res = engine.advance_time(state, max(wm, int(msg.get("watermark_ms", wm))))
+            else:
+                continue
+            view[pk] = res.state
+            _count(m, res.stats)
+            matches.extend((pk, mt) for mt in res.matches)
+            if res.next_deadline_ms is None:
+                deadlines.pop(pk, None)
+            else:
+                deadlines[pk] = res.next_deadline_ms
+        # Triggers and late events first; the state recording them as fired only
+        # once the broker has them (see agents.emit.delivered).
+        sent: list[Any] = []
+        for pk, match in matches:
+            sent.extend(await emit_match(pk, match))
+        for pk, msg in late:
+            m.late_events.inc()
+            sent.append(await send_json(topics.late_events, pk, msg))
+        await delivered(sent)
+        view.flush()
+        if matches:
+            by_rule: dict[str, int] = {}
+            for _pk, match in matches:
+                by_rule[match.rule] = by_rule.get(match.rule, 0) + 1
+            log.info("rule matches: %d", len(matches),
+                     extra={"matches": len(matches), "by_rule": by_rule})
 
     @rt.app.task
     async def rule_timers() -> None:
@@ -187,10 +188,12 @@ def register(rt: Runtime) -> None:
             due = [pk for pk, d in deadlines.items() if d <= wm]
             for pk in due:
                 deadlines.pop(pk, None)
-                await send_json(
+            if due:
+                await send_records(
                     topics.contact_events,
-                    pk,
-                    {"kind": "timer", "primary_key": pk, "watermark_ms": wm},
+                    [(pk, {"kind": "timer", "primary_key": pk, "watermark_ms": wm})
+                     for pk in due],
+                    s.kafka.partitions,
                 )
 
 

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 from prometheus_client import Counter
 
-from agents.emit import delivered, send_json
+from agents.emit import chunks, delivered, envelope_records, send_json
 from app.audiences import AudienceMap
 from app.contacts import ContactUpdater
 from app.data_map import DataMap, FieldMapping
@@ -60,64 +60,66 @@ def register(rt: Runtime) -> None:
     @rt.app.agent(rt.topics.contact_events, name="users")
     async def users(stream):  # type: ignore[no-untyped-def]
         async for events in stream.take_events(s.worker.batch_max, s.worker.batch_within):
-            by_pk: dict[str, Any] = {}
-            items: list[tuple[str, dict[str, Any]]] = []
-            for ev in events:
-                pk = ev.key.decode() if isinstance(ev.key, bytes) else str(ev.key)
-                by_pk[pk] = ev
-                items.append((pk, orjson.loads(ev.value)))
-            users_view = TableView(t.users, by_pk)
-            # Dedupe keys are "<primary key>\x1f<messageId>", stored in the partition of
-            # their contact (so the expiry sweep can find that partition again).
-            seen_events: dict[str, Any] = {}
-            seen_key: dict[str, str] = {}
-            seen_view = TableView(t.dedupe, seen_events)
-            for pk, msg in items:
-                event = msg.get("event")
-                if isinstance(event, dict) and isinstance(event.get("messageId"), str):
-                    dkey = dedupe_key(pk, event["messageId"])
-                    seen_key[event["messageId"]] = dkey
-                    seen_events[dkey] = by_pk[pk]
+            records = await envelope_records(rt, events)
+            for chunk in chunks(records, s.worker.batch_max):
+                await handle(chunk)
 
-            def load_user(pk: str, users_view: TableView = users_view) -> UserRecord | None:
-                raw = users_view.get(pk)
-                return None if raw is None else UserRecord.from_dict(raw)
+    async def handle(records: list[tuple[str, dict[str, Any], Any]]) -> None:
+        by_pk: dict[str, Any] = {}
+        items: list[tuple[str, dict[str, Any]]] = []
+        for pk, msg, ev in records:
+            by_pk[pk] = ev
+            items.append((pk, msg))
+        users_view = TableView(t.users, by_pk)
+        # Dedupe keys are "<primary key>\x1f<messageId>", stored in the partition of
+        # their contact (so the expiry sweep can find that partition again).
+        seen_events: dict[str, Any] = {}
+        seen_key: dict[str, str] = {}
+        seen_view = TableView(t.dedupe, seen_events)
+        for pk, msg in items:
+            event = msg.get("event")
+            if isinstance(event, dict) and isinstance(event.get("messageId"), str):
+                dkey = dedupe_key(pk, event["messageId"])
+                seen_key[event["messageId"]] = dkey
+                seen_events[dkey] = by_pk[pk]
 
-            def load_seen(
-                mid: str, seen_view: TableView = seen_view, seen_key: dict[str, str] = seen_key
-            ) -> int | None:
-                value = seen_view.get(seen_key[mid])
-                return None if value is None else int(value)
+        def load_user(pk: str) -> UserRecord | None:
+            raw = users_view.get(pk)
+            return None if raw is None else UserRecord.from_dict(raw)
 
-            batch = updater.process(items, load_user, load_seen, int(time.time() * 1000))
-            for pk, rec in batch.users.items():
-                users_view[pk] = rec.to_dict()
-            for mid, at in batch.seen.items():
-                seen_view[seen_key[mid]] = at
-            if batch.new_users:
-                m.users_created.inc(len(batch.new_users))
-            if batch.duplicates:
-                m.duplicates.inc(batch.duplicates)
-            if batch.unchanged:
-                m.unchanged.inc(batch.unchanged)
-            ops = updater.finish(batch)
-            lists = len(batch.list_operations)
-            m.contact_changes.inc(len(ops) - lists)
-            for outcome, n in (
-                ("list_change", batch.audience_changes),
-                ("no_change", batch.audience_noops),
-                ("stale", batch.audience_stale),
-                ("unmapped", batch.audience_unmapped),
-            ):
-                if n:
-                    audience_signals.labels(outcome).inc(n)
-            # Operations first; the records saying "queued" and the dedupe entries only
-            # once the broker has them (see agents.emit.delivered).
-            await delivered(
-                [await send_json(rt.topics.operations, op["primary_key"], op) for op in ops]
-            )
-            users_view.flush()
-            seen_view.flush()
+        def load_seen(mid: str) -> int | None:
+            value = seen_view.get(seen_key[mid])
+            return None if value is None else int(value)
+
+        batch = updater.process(items, load_user, load_seen, int(time.time() * 1000))
+        for pk, rec in batch.users.items():
+            users_view[pk] = rec.to_dict()
+        for mid, at in batch.seen.items():
+            seen_view[seen_key[mid]] = at
+        if batch.new_users:
+            m.users_created.inc(len(batch.new_users))
+        if batch.duplicates:
+            m.duplicates.inc(batch.duplicates)
+        if batch.unchanged:
+            m.unchanged.inc(batch.unchanged)
+        ops = updater.finish(batch)
+        lists = len(batch.list_operations)
+        m.contact_changes.inc(len(ops) - lists)
+        for outcome, n in (
+            ("list_change", batch.audience_changes),
+            ("no_change", batch.audience_noops),
+            ("stale", batch.audience_stale),
+            ("unmapped", batch.audience_unmapped),
+        ):
+            if n:
+                audience_signals.labels(outcome).inc(n)
+        # Operations first; the records saying "queued" and the dedupe entries only
+        # once the broker has them (see agents.emit.delivered).
+        await delivered(
+            [await send_json(rt.topics.operations, op["primary_key"], op) for op in ops]
+        )
+        users_view.flush()
+        seen_view.flush()
 
 
 def dedupe_key(primary_key: str, message_id: str) -> str:
@@ -126,7 +128,7 @@ def dedupe_key(primary_key: str, message_id: str) -> str:
 
 def register_dedupe_sweep(rt: Runtime) -> None:
     """Delete dedupe entries older than ``dedupe.window`` (with changelog tombstones)."""
-    from agents.identity import partition_for_key
+    from app.envelope import partition_for_key
     from tables.context import PartitionEvent
 
     window_ms = int(rt.settings.dedupe.window * 1000)

@@ -47,6 +47,7 @@ import aiohttp
 import orjson
 
 from app.broker import EmbeddedBroker
+from app.envelope import unpack
 from bench.generate import _CATEGORIES, _DOMAINS, _FIRST, _LAST, _PAGES, _TRACKS, Person, _context
 from bench.harness import (
     CpuWatch,
@@ -374,10 +375,10 @@ def hop_times(
         if what not in hops or at < hops[what]:
             hops[what] = at
 
-    for ts_ms, _key, value in contact_events:
-        with contextlib.suppress(orjson.JSONDecodeError, TypeError):
-            msg = orjson.loads(value or b"null")
-            if isinstance(msg, dict) and msg.get("kind") == "event":
+    for ts_ms, key, value in contact_events:
+        records, _bad = unpack(key, value)
+        for _pk, msg in records:
+            if msg.get("kind") == "event":
                 event = msg.get("event") or {}
                 note(message_number(event.get("messageId"), seed), "contact_event", ts_ms)
     for ts_ms, _key, value in operations:

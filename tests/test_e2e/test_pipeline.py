@@ -239,3 +239,56 @@ async def test_dedupe_entries_expire_after_the_window(
     await wait_for(lambda: (contact(simulator, "win@example.com") or {}).get("1") == "B")
     rec = await user_record(dep, "win@example.com")
     assert rec is not None and rec["event_count"] == 2
+
+
+async def test_internal_hops_carry_envelopes_and_read_older_records_and_garbage(
+    deployment_factory: Any, simulator: Any
+) -> None:
+    from aiokafka import AIOKafkaProducer
+
+    from app.envelope import partition_for_key, unpack
+
+    dep = deployment_factory(simulator.url)
+    await dep.start_worker()
+    await dep.produce([
+        identify("env@example.com", mid="e1", uid="u-env", firstName="Env"),
+        {"type": "track", "event": "Viewed", "userId": "u-env", "messageId": "e2",
+         "timestamp": "2026-11-28T09:00:01.000Z"},
+    ])
+    await wait_for(lambda: contact(simulator, "env@example.com"))
+    # The documented shape: {"records": [{"key", "value"}]}, no Kafka key, in the
+    # partition Kafka's default partitioner gives the record's key.
+    topic = dep.topic("contact-events")
+    raw = await dep.read_topic(topic, expect=2, decode=False)
+    records = [r for value in raw for r in unpack(None, value)[0]]
+    assert {v["event"]["messageId"] for _k, v in records} == {"e1", "e2"}
+    assert all(k == "env@example.com" and v["kind"] == "event" for k, v in records)
+    assert all(set(orjson.loads(value)) == {"records"} for value in raw)
+    # The track carries only a userId: it took the identity hop, as an envelope record
+    # keyed by that userId next to the link the identify wrote.
+    ident = await dep.read_topic(dep.topic("identity"), expect=2, decode=False)
+    kinds = sorted(
+        (k, v["kind"]) for value in ident for k, v in unpack(None, value)[0]
+    )
+    assert kinds == [("u-env", "event"), ("u-env", "link")]
+    # A plain keyed record (the shape before envelopes, e.g. written by an older worker)
+    # is still applied; garbage goes to the dead-letter topic and the worker carries on.
+    legacy = {"kind": "event", "primary_key": "old@example.com", "ts": 1764320400000,
+              "path": "direct", "source": {},
+              "event": {"type": "identify", "messageId": "legacy1",
+                        "timestamp": "2026-11-28T09:00:00.000Z", "userId": "u-old",
+                        "traits": {"email": "old@example.com", "firstName": "Old"}}}
+    producer = AIOKafkaProducer(bootstrap_servers=dep.bootstrap)
+    await producer.start()
+    try:
+        p = partition_for_key(b"old@example.com", 2)
+        await producer.send_and_wait(topic, orjson.dumps(legacy), key=b"old@example.com",
+                                     partition=p)
+        await producer.send_and_wait(topic, b"not json at all", partition=0)
+    finally:
+        await producer.stop()
+    assert (await wait_for(lambda: contact(simulator, "old@example.com")))["1"] == "Old"
+    dead = await dep.read_topic(dep.dlq_topic, expect=1)
+    assert [d["reason"] for d in dead] == ["malformed_internal_message"]
+    assert raw_bytes_from_envelope(dead[0]) == b"not json at all"
+    assert dead[0]["source"]["topic"] == topic
