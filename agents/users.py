@@ -1,11 +1,10 @@
-"""Users agent: the intermediate users table, dedupe and data maps -> Emarsys operations."""
+"""Users agent: the intermediate users table (with dedupe) and data maps -> Emarsys operations."""
 
 from __future__ import annotations
 
 import time
 from typing import TYPE_CHECKING, Any
 
-import orjson
 from prometheus_client import Counter
 
 from agents.emit import chunks, delivered, envelope_records, send_json
@@ -44,6 +43,7 @@ def register(rt: Runtime) -> None:
         key_field_id=s.identity.primary_key.field_id,
         max_ids=s.identity.max_ids_per_user,
         dedupe_window_ms=int(s.dedupe.window * 1000),
+        max_seen_ids=s.dedupe.max_ids_per_contact,
         audiences=AudienceMap.from_config(s.audiences),
     )
     # Engage audience signals by outcome (registered here, next to its only user).
@@ -54,8 +54,6 @@ def register(rt: Runtime) -> None:
         ["outcome"],
         registry=m.registry,
     )
-
-    register_dedupe_sweep(rt)
 
     @rt.app.agent(rt.topics.contact_events, name="users")
     async def users(stream):  # type: ignore[no-untyped-def]
@@ -71,31 +69,18 @@ def register(rt: Runtime) -> None:
             by_pk[pk] = ev
             items.append((pk, msg))
         users_view = TableView(t.users, by_pk)
-        # Dedupe keys are "<primary key>\x1f<messageId>", stored in the partition of
-        # their contact (so the expiry sweep can find that partition again).
-        seen_events: dict[str, Any] = {}
-        seen_key: dict[str, str] = {}
-        seen_view = TableView(t.dedupe, seen_events)
-        for pk, msg in items:
-            event = msg.get("event")
-            if isinstance(event, dict) and isinstance(event.get("messageId"), str):
-                dkey = dedupe_key(pk, event["messageId"])
-                seen_key[event["messageId"]] = dkey
-                seen_events[dkey] = by_pk[pk]
 
         def load_user(pk: str) -> UserRecord | None:
             raw = users_view.get(pk)
             return None if raw is None else UserRecord.from_dict(raw)
 
-        def load_seen(mid: str) -> int | None:
-            value = seen_view.get(seen_key[mid])
-            return None if value is None else int(value)
-
-        batch = updater.process(items, load_user, load_seen, int(time.time() * 1000))
+        batch = updater.process(items, load_user, int(time.time() * 1000))
         for pk, rec in batch.users.items():
             users_view[pk] = rec.to_dict()
-        for mid, at in batch.seen.items():
-            seen_view[seen_key[mid]] = at
+        if batch.seen_expired:
+            m.dedupe_expired.inc(batch.seen_expired)
+        if batch.seen_evicted:
+            m.dedupe_evicted.inc(batch.seen_evicted)
         if batch.new_users:
             m.users_created.inc(len(batch.new_users))
         if batch.duplicates:
@@ -113,49 +98,9 @@ def register(rt: Runtime) -> None:
         ):
             if n:
                 audience_signals.labels(outcome).inc(n)
-        # Operations first; the records saying "queued" and the dedupe entries only
-        # once the broker has them (see agents.emit.delivered).
+        # Operations first; the records saying "queued" and "seen" only once the broker
+        # has them (see agents.emit.delivered).
         await delivered(
             [await send_json(rt.topics.operations, op["primary_key"], op) for op in ops]
         )
         users_view.flush()
-        seen_view.flush()
-
-
-def dedupe_key(primary_key: str, message_id: str) -> str:
-    return f"{primary_key}\x1f{message_id}"
-
-
-def register_dedupe_sweep(rt: Runtime) -> None:
-    """Delete dedupe entries older than ``dedupe.window`` (with changelog tombstones)."""
-    from app.envelope import partition_for_key
-    from tables.context import PartitionEvent
-
-    window_ms = int(rt.settings.dedupe.window * 1000)
-    interval = max(1.0, min(rt.settings.dedupe.window / 24, 3600.0))
-    topic_name = rt.topics.contact_events.get_topic_name()
-    n = rt.settings.kafka.partitions
-    table = rt.tables.dedupe
-
-    @rt.app.timer(interval=interval)
-    async def sweep_dedupe() -> None:
-        now = int(time.time() * 1000)
-        events: dict[str, Any] = {}
-        view = TableView(table, events)
-        expired = 0
-        for key, raw in list(table.items()):
-            k = key.decode() if isinstance(key, bytes) else str(key)
-            pk, sep, _ = k.partition("\x1f")
-            if not sep:
-                continue
-            try:
-                at = int(orjson.loads(raw))
-            except (ValueError, TypeError):
-                at = 0
-            if now - at >= window_ms:
-                events[k] = PartitionEvent(topic_name, partition_for_key(pk.encode(), n))
-                del view[k]
-                expired += 1
-        view.flush()
-        if expired:
-            rt.metrics.dedupe_expired.inc(expired)

@@ -1,7 +1,8 @@
 """From ``contact-events`` to Emarsys contact operations (pure; the users agent runs it).
 
 Per batch of messages keyed by primary key:
-* drop duplicate messageIds seen within the dedupe window;
+* drop duplicate messageIds seen within the dedupe window (remembered in the contact's
+  record: ``UserRecord.seen``, pruned to the window and ``max_seen_ids`` on every write);
 * update the contact's :class:`~app.identity.UserRecord` (ids, times, counters);
 * apply the data map; keep only fields whose value differs from what was last
   queued for Emarsys (so an unchanged identify costs no API call);
@@ -57,11 +58,13 @@ def upsert_operation(
 
 @dataclass
 class ContactBatch:
-    """What one batch changed: records and dedupe entries to write, operations to send."""
+    """What one batch changed: records to write, operations to send."""
 
     users: dict[str, UserRecord] = field(default_factory=dict)
     new_users: set[str] = field(default_factory=set)
-    seen: dict[str, int] = field(default_factory=dict)
+    #: messageIds forgotten: past the dedupe window / over ``max_seen_ids`` of a contact.
+    seen_expired: int = 0
+    seen_evicted: int = 0
     operations: dict[str, dict[str, Any]] = field(default_factory=dict)
     duplicates: int = 0
     unchanged: int = 0
@@ -90,6 +93,7 @@ class ContactUpdater:
         key_field_id: int,
         max_ids: int,
         dedupe_window_ms: int,
+        max_seen_ids: int = 1000,
         max_message_ids: int = 20,
         audiences: AudienceMap | None = None,
     ) -> None:
@@ -98,13 +102,13 @@ class ContactUpdater:
         self.key_field_id = key_field_id
         self.max_ids = max_ids
         self.dedupe_window_ms = dedupe_window_ms
+        self.max_seen_ids = max_seen_ids
         self.max_message_ids = max_message_ids
 
     def process(
         self,
         items: list[tuple[str, dict[str, Any]]],
         load_user: Callable[[str], UserRecord | None],
-        load_seen: Callable[[str], int | None],
         now_ms: int,
     ) -> ContactBatch:
         batch = ContactBatch()
@@ -113,8 +117,27 @@ class ContactUpdater:
             if kind == "send_failed":
                 self._forget(batch, pk, msg, load_user)
             elif kind == "event":
-                self._event(batch, pk, msg, load_user, load_seen, now_ms)
+                self._event(batch, pk, msg, load_user, now_ms)
+        for rec in batch.users.values():
+            self._prune_seen(batch, rec, now_ms)
         return batch
+
+    def _prune_seen(self, batch: ContactBatch, rec: UserRecord, now_ms: int) -> None:
+        """Forget messageIds past the window, then the oldest beyond ``max_seen_ids``.
+
+        ``seen`` is ordered oldest first (an id is re-inserted when seen again after
+        its window), so both cuts take from the front.
+        """
+        seen = rec.seen
+        expired = [mid for mid, at in seen.items() if now_ms - at >= self.dedupe_window_ms]
+        for mid in expired:
+            del seen[mid]
+        batch.seen_expired += len(expired)
+        over = len(seen) - self.max_seen_ids
+        if over > 0:
+            for mid in list(seen)[:over]:
+                del seen[mid]
+            batch.seen_evicted += over
 
     def _record(
         self, batch: ContactBatch, pk: str, load_user: Callable[[str], UserRecord | None]
@@ -130,22 +153,21 @@ class ContactUpdater:
         pk: str,
         msg: dict[str, Any],
         load_user: Callable[[str], UserRecord | None],
-        load_seen: Callable[[str], int | None],
         now_ms: int,
     ) -> None:
         event = msg["event"]
         mid = event.get("messageId")
-        if isinstance(mid, str):
-            seen_at = batch.seen.get(mid)
-            if seen_at is None:
-                seen_at = load_seen(mid)
-            if seen_at is not None and now_ms - seen_at < self.dedupe_window_ms:
-                batch.duplicates += 1
-                return
-            batch.seen[mid] = now_ms
+        before = self._record(batch, pk, load_user)
+        if isinstance(mid, str) and before is not None:
+            seen_at = before.seen.get(mid)
+            if seen_at is not None:
+                if now_ms - seen_at < self.dedupe_window_ms:
+                    batch.duplicates += 1
+                    return
+                del before.seen[mid]  # past its window: a new event, remembered anew
+                batch.seen_expired += 1
         batch.events += 1
         ts = int(msg["ts"])
-        before = self._record(batch, pk, load_user)
         ev_type = str(event.get("type"))
         user_id = event.get("userId")
         anon_id = event.get("anonymousId")
@@ -163,6 +185,8 @@ class ContactUpdater:
             )
         if before is None:
             batch.new_users.add(pk)
+        if isinstance(mid, str):
+            rec.seen[mid] = now_ms
         batch.users[pk] = rec
         # Later event time wins per field within the batch: a value from an event older
         # than one already applied for that field is ignored (neither sent nor remembered

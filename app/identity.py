@@ -60,10 +60,16 @@ class UserRecord:
     #: event processed later (Segment topics are unkeyed: a person's events arrive through
     #: different partitions, in any order) cannot overwrite a newer value.
     fields_at: dict[str, int] = field(default_factory=dict)
+    #: messageId -> wall time (epoch ms) it was first processed, oldest first: the
+    #: contact's dedupe memory (``dedupe.window``, at most ``dedupe.max_ids_per_contact``).
+    #: Kept in the record, not a table of its own, so a duplicate check costs no extra
+    #: store read and remembering an event no extra changelog message.
+    seen: dict[str, int] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """Stable JSON-ready shape (lists and dicts copied). Every key is always present
-        except ``fields_at`` (once a mapped field was set) and ``audiences`` /
+        except ``fields_at`` (once a mapped field was set), ``seen`` (messageIds within
+        the dedupe window) and ``audiences`` /
         ``audiences_at``, which are written only once the contact
         has an audience signal (most contacts never do; older records stay byte-identical).
         """
@@ -84,6 +90,8 @@ class UserRecord:
             out["audiences_at"] = dict(self.audiences_at)
         if self.fields_at:
             out["fields_at"] = dict(self.fields_at)
+        if self.seen:
+            out["seen"] = dict(self.seen)
         return out
 
     @classmethod
@@ -103,6 +111,7 @@ class UserRecord:
         audiences = data.get("audiences")
         audiences_at = data.get("audiences_at")
         fields_at = data.get("fields_at")
+        seen = data.get("seen")
         return cls(
             primary_key=pk,
             user_ids=_str_list(data.get("user_ids")),
@@ -135,6 +144,11 @@ class UserRecord:
             fields_at=(
                 {str(k): _as_int(v, 0) for k, v in fields_at.items()}
                 if isinstance(fields_at, Mapping)
+                else {}
+            ),
+            seen=(
+                {str(k): _as_int(v, 0) for k, v in seen.items()}
+                if isinstance(seen, Mapping)
                 else {}
             ),
         )

@@ -27,6 +27,12 @@ class Metrics:
             "messageIds forgotten after the dedupe window",
             registry=r,
         )
+        self.dedupe_evicted = Counter(
+            "emarsys_stream_dedupe_evicted",
+            "messageIds forgotten within the dedupe window because the contact had more "
+            "than dedupe.max_ids_per_contact in it (oldest first)",
+            registry=r,
+        )
         self.held = Counter(
             "emarsys_stream_unidentified_held",
             "Events held until their identity is known",

@@ -305,6 +305,8 @@ class DedupeSettings(_Section):
     """``dedupe:`` section."""
 
     window: Duration = 86400.0
+    #: messageIds remembered per contact within the window (oldest forgotten first).
+    max_ids_per_contact: int = Field(default=1000, ge=1)
 
 
 def _str_or_list(value: Any) -> Any:
@@ -584,6 +586,11 @@ class Settings(_Section):
     def topic(self, name: str) -> str:
         """Full name of an internal topic: ``"<kafka.topic_prefix>.<name>"``."""
         return f"{self.kafka.topic_prefix}.{name}"
+
+    @property
+    def ingest_group(self) -> str:
+        """Consumer group of the ingest topic (``agents.ingest``; what replay moves)."""
+        return f"{self.kafka.app_id}-ingest"
 
 
 # --------------------------------------------------------------------------------------

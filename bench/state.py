@@ -137,7 +137,8 @@ def build_user_record(i: int, seed: int = 1) -> tuple[bytes, bytes]:
     with ``userId`` + ``anonymousId`` creates it, 15% of the contacts have a second
     ``userId`` (a later login), 2-60 events of all types, the mapped fields queued to
     Emarsys (first/last name, opt-in, for 40% a birthday), created in Emarsys, and for 30%
-    membership in one or two Engage audiences. About 450 bytes of JSON.
+    membership in one or two Engage audiences, and 1-4 messageIds in its dedupe memory
+    (``seen``). About 530 bytes of JSON.
     """
     rng = random.Random((seed << 32) ^ i)
     first = _FIRST[rng.randrange(len(_FIRST))]
@@ -175,6 +176,10 @@ def build_user_record(i: int, seed: int = 1) -> tuple[bytes, bytes]:
         for audience in rng.sample(AUDIENCES, 1 if r < 0.2 else 2):
             at = rng.randrange(first_seen, last_seen + 1)
             set_audience_membership(rec, audience, rng.random() < 0.85, at)
+    # The dedupe memory: the messageIds of the last write's events (and of any others
+    # still inside the window then) stay in the record until its next write.
+    for _ in range(1 + rng.randrange(4)):
+        rec.seen[str(uuid.UUID(int=rng.getrandbits(128), version=4))] = last_seen
     return table_key(pk), dumps(rec.to_dict())
 
 

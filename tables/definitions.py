@@ -6,7 +6,6 @@ All tables are changelog-backed, use the configured store (RocksDB by default,
 | table            | key                 | value (orjson)                          | written by | partitioned like |
 |------------------|---------------------|-----------------------------------------|------------|------------------|
 | users            | primary key         | :class:`app.identity.UserRecord` dict   | users      | contact-events   |
-| dedupe           | messageId           | first-seen wall time, epoch ms          | users      | contact-events   |
 | anonymous_ids    | anonymousId         | primary key (JSON string)               | identity   | identity         |
 | user_ids         | userId              | primary key (JSON string)               | identity   | identity         |
 | held_events      | anonymousId/userId  | list of held normalised events          | identity   | identity         |
@@ -14,6 +13,8 @@ All tables are changelog-backed, use the configured store (RocksDB by default,
 
 ``contact-events`` is keyed by primary key, ``identity`` by the anonymousId/userId,
 so each lookup table is partitioned by its own key and the users table by primary key.
+The messageIds of the dedupe window live in each contact's users record (``seen``);
+earlier versions had a ``dedupe`` table, which is no longer read or written.
 """
 
 from __future__ import annotations
@@ -28,7 +29,6 @@ __all__ = ["Tables", "define_tables"]
 @dataclass(frozen=True)
 class Tables:
     users: faust.Table
-    dedupe: faust.Table
     anonymous_ids: faust.Table
     user_ids: faust.Table
     held_events: faust.Table
@@ -50,7 +50,6 @@ def _table(app: faust.App, name: str, partitions: int, help_: str) -> faust.Tabl
 def define_tables(app: faust.App, partitions: int) -> Tables:
     return Tables(
         users=_table(app, "users", partitions, "Intermediate users table, by primary key"),
-        dedupe=_table(app, "dedupe", partitions, "messageIds seen within the dedupe window"),
         anonymous_ids=_table(app, "anonymous_ids", partitions, "anonymousId -> primary key"),
         user_ids=_table(app, "user_ids", partitions, "userId -> primary key"),
         held_events=_table(app, "held_events", partitions, "events waiting for an identity"),

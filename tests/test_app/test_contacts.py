@@ -30,29 +30,29 @@ DATA_MAP = DataMap(
 
 
 class Store:
-    """The users and dedupe tables as plain dicts, written back like the users agent does."""
+    """The users table as a plain dict, written back like the users agent does."""
 
     def __init__(self, updater: ContactUpdater) -> None:
         self.updater = updater
         self.users: dict[str, dict[str, Any]] = {}
-        self.seen: dict[str, int] = {}
 
     def load_user(self, pk: str) -> UserRecord | None:
         raw = self.users.get(pk)
         return None if raw is None else UserRecord.from_dict(raw)
 
-    def load_seen(self, mid: str) -> int | None:
-        return self.seen.get(mid)
+    @property
+    def seen(self) -> dict[str, int]:
+        """The dedupe memory of the default contact, as stored."""
+        return dict(self.users[PK].get("seen", {})) if PK in self.users else {}
 
     def batch(
         self, items: list[tuple[str, dict[str, Any]]], now_ms: int = NOW
     ) -> tuple[ContactBatch, list[dict[str, Any]]]:
         # JSON round trip, as through Kafka.
         items = [(pk, orjson.loads(orjson.dumps(m))) for pk, m in items]
-        b = self.updater.process(items, self.load_user, self.load_seen, now_ms)
+        b = self.updater.process(items, self.load_user, now_ms)
         for pk, rec in b.users.items():
             self.users[pk] = orjson.loads(orjson.dumps(rec.to_dict()))
-        self.seen.update(b.seen)
         ops = self.updater.finish(b)
         for op in ops:
             orjson.dumps(op)  # an emarsys-operations record must serialise
@@ -334,14 +334,14 @@ def test_duplicate_message_id_in_one_batch() -> None:
     assert s.seen == {"dup": NOW}
 
 
-def test_duplicate_message_id_across_batches_via_load_seen() -> None:
+def test_duplicate_message_id_across_batches_via_the_stored_record() -> None:
     s = make()
     s.batch([ev("dup", 1_000, traits={"firstName": "Ann"})])
     before = s.record().to_dict()
     # Even with a different payload, a re-delivered messageId has no effect.
     b, ops = s.batch([ev("dup", 2_000, traits={"firstName": "Zed"})], now_ms=NOW + HOUR_MS)
     assert b.duplicates == 1 and b.events == 0
-    assert ops == [] and b.users == {} and b.seen == {}
+    assert ops == [] and b.users == {}
     assert s.record().to_dict() == before
     assert s.seen == {"dup": NOW}
 
@@ -360,6 +360,47 @@ def test_duplicate_just_inside_window() -> None:
     s = make(window_ms=HOUR_MS)
     s.batch([ev("dup", 1_000)])
     b, _ = s.batch([ev("dup", 2_000)], now_ms=NOW + HOUR_MS - 1)
+    assert b.duplicates == 1
+
+
+def test_seen_ids_past_the_window_are_pruned_when_the_record_is_written() -> None:
+    s = make(window_ms=HOUR_MS)
+    s.batch([ev("old", 1_000)])
+    b, _ = s.batch([ev("new", 2_000)], now_ms=NOW + HOUR_MS)
+    assert b.seen_expired == 1 and b.seen_evicted == 0
+    assert s.seen == {"new": NOW + HOUR_MS}
+
+
+def test_seen_keeps_at_most_max_ids_per_contact_dropping_the_oldest() -> None:
+    s = make(max_seen_ids=3)
+    b, _ = s.batch([ev(f"m{i}", 1_000 + i) for i in range(5)])
+    assert b.seen_evicted == 2 and b.duplicates == 0
+    assert list(s.seen) == ["m2", "m3", "m4"]
+    # An evicted id is new again (its repeat is applied, not dropped) ...
+    b, _ = s.batch([ev("m0", 3_000)], now_ms=NOW + 1)
+    assert b.duplicates == 0 and b.events == 1
+    # ... and a remembered one is still a duplicate.
+    b, _ = s.batch([ev("m4", 3_000)], now_ms=NOW + 2)
+    assert b.duplicates == 1
+    assert list(s.seen) == ["m3", "m4", "m0"]
+
+
+def test_an_id_seen_again_after_its_window_moves_to_the_newest_end() -> None:
+    s = make(window_ms=HOUR_MS, max_seen_ids=2)
+    s.batch([ev("a", 1_000)])
+    s.batch([ev("b", 2_000)], now_ms=NOW + HOUR_MS // 2)
+    s.batch([ev("a", 3_000)], now_ms=NOW + HOUR_MS)  # "a" is past its window: new again
+    assert s.seen == {"b": NOW + HOUR_MS // 2, "a": NOW + HOUR_MS}
+    b, _ = s.batch([ev("c", 4_000)], now_ms=NOW + HOUR_MS + 1)
+    assert b.seen_evicted == 1
+    assert list(s.seen) == ["a", "c"]
+
+
+def test_send_failed_feedback_keeps_the_dedupe_memory() -> None:
+    s = make()
+    s.batch([ev("m1", 1_000, traits={"firstName": "Ann"})])
+    s.batch([failed({"1": "Ann"})])
+    b, _ = s.batch([ev("m1", 1_000, traits={"firstName": "Ann"})])
     assert b.duplicates == 1
 
 

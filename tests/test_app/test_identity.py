@@ -157,6 +157,16 @@ def test_round_trip_through_json() -> None:
     assert back == rec
 
 
+def test_seen_is_written_once_there_is_one_and_keeps_its_order() -> None:
+    rec = full_record()
+    rec.seen.update({"m9": 5, "m1": 7})
+    d = orjson.loads(orjson.dumps(rec.to_dict()))
+    assert list(d["seen"].items()) == [("m9", 5), ("m1", 7)]
+    back = UserRecord.from_dict(d)
+    assert list(back.seen) == ["m9", "m1"] and back == rec
+    assert UserRecord.from_dict({"primary_key": PK, "seen": [1]}).seen == {}
+
+
 def test_to_dict_and_from_dict_copy() -> None:
     rec = full_record()
     d = rec.to_dict()

@@ -164,7 +164,7 @@ def test_every_identify_costs_an_upsert_through_the_real_contact_updater(tmp_pat
             raw_user = users.get(key)
             return None if raw_user is None else UserRecord.from_dict(raw_user)
 
-        batch = updater.process([(pk, msg)], load, lambda _mid: None, 1_790_000_000_000 + n)
+        batch = updater.process([(pk, msg)], load, 1_790_000_000_000 + n)
         for key, rec in batch.users.items():
             users[key] = rec.to_dict()
         if kind == "identify":

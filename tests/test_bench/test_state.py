@@ -59,7 +59,8 @@ def test_records_look_like_real_ones(records: list[tuple[bytes, bytes]]) -> None
     assert 0.35 < birthday < 0.45
     assert all(set(r.audiences) == set(r.audiences_at) for r in recs)
     mean = sum(len(v) for _, v in records) / len(records)
-    assert 330 < mean < 470
+    assert 470 < mean < 600
+    assert all(1 <= len(r.seen) <= 4 for r in recs)
 
 
 def test_records_are_deterministic(records: list[tuple[bytes, bytes]]) -> None:
@@ -91,7 +92,6 @@ def test_an_unchanged_identify_of_a_written_contact_costs_no_call(
         batch = updater.process(
             [(key.decode(), msg)],
             lambda _pk: UserRecord.from_dict(codec.loads(value)),
-            lambda _mid: None,
             stored.last_seen_ms + 10,
         )
         return batch.operations
