@@ -2,11 +2,15 @@
 
 | agent    | reads                | writes                                            |
 |----------|----------------------|---------------------------------------------------|
-| ingest   | ingest topic (raw)   | dead letters, identity, contact-events            |
+| ingest (*) | ingest topic (raw) | dead letters, identity, contact-events            |
 | identity | identity             | contact-events, identity (forwards), dead letters |
 | users    | contact-events       | emarsys-operations                                |
 | output   | emarsys-operations   | emarsys-results, emarsys-dlq, contact-events      |
 | rules    | contact-events       | rule-matches, emarsys-operations, late events     |
+
+(*) not a Faust agent: a service running its own aiokafka consumer (group
+``<app_id>-ingest``), because it keeps no state and Faust's per-message cost dominated it.
+``identity`` and ``contact-events`` carry envelopes of records (:mod:`app.envelope`).
 """
 
 from __future__ import annotations

@@ -1,23 +1,48 @@
-"""Ingest agent: raw Segment bytes -> validated, normalised events routed by identity."""
+"""Ingest: raw Segment bytes -> validated, normalised events routed by identity.
+
+This stage reads the ingest topic with its own aiokafka consumer instead of a Faust
+agent. It keeps no table, so it needs none of Faust's per-message machinery (events,
+acks, the conductor), which costs more than validating and routing an event does: a
+Faust agent doing nothing reads about 7,000 messages/s on this machine kind, a plain
+consumer about 150,000 (broker-and-baselines.md).
+
+At-least-once, like the agents: a batch's messages (envelopes to ``identity`` and
+``contact-events``, dead letters) are sent and acknowledged by the broker before the
+batch's offsets are committed. The consumer group is ``<kafka.app_id>-ingest``
+(:func:`app.settings.Settings.ingest_group`); ``emarsys-stream replay`` moves its
+offsets. On a rebalance the batch in hand is finished and committed before the
+partitions are given up; if that commit is refused anyway (the group moved on), the
+new owner reads those events again and the messageId dedupe downstream absorbs them.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections import OrderedDict
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from agents.emit import send_emits, send_json, source_of
+import mode
+from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
+from aiokafka.errors import CommitFailedError, KafkaError
+
+from agents.emit import delivered, send_emits, send_json
 from app.data_map import resolve_primary_key
 from app.dead_letter import dead_letter_envelope
 from app.events import InvalidEvent, validate_event
 from app.resolution import Emit, route_ingested
 
 if TYPE_CHECKING:
+    from aiokafka.structs import ConsumerRecord
+
     from app.faust_app import Runtime
 
-__all__ = ["register"]
+__all__ = ["IngestConsumer", "register", "source_of_record"]
 
 log = logging.getLogger("emarsys_stream.ingest")
+
+#: Pause before reconnecting after the ingest consumer failed (the batch is re-read).
+RESTART_DELAY_S = 1.0
 
 
 class _LinkCache(OrderedDict[tuple[str, str], str]):
@@ -33,36 +58,154 @@ class _LinkCache(OrderedDict[tuple[str, str], str]):
             self.popitem(last=False)
 
 
-def register(rt: Runtime) -> None:
-    s = rt.settings
-    pk_paths = s.identity.primary_key.paths
-    pk_steps = s.identity.primary_key.normalize
-    links = _LinkCache(100_000)
-    m = rt.metrics
+def source_of_record(record: ConsumerRecord[Any, Any]) -> dict[str, object]:
+    """Where an ingest record came from (the ``source`` of events and dead letters)."""
+    return {
+        "topic": record.topic,
+        "partition": record.partition,
+        "offset": record.offset,
+        "timestamp": record.timestamp if record.timestamp and record.timestamp > 0 else None,
+    }
 
-    @rt.app.agent(rt.topics.ingest, name="ingest")
-    async def ingest(stream):  # type: ignore[no-untyped-def]
-        async for events in stream.take_events(s.worker.batch_max, s.worker.batch_within):
-            emits: list[Emit] = []
-            invalid: dict[str, int] = {}
-            for event in events:
-                raw = event.value
-                src = source_of(event)
-                if not isinstance(raw, bytes | bytearray):
-                    raw = b"" if raw is None else bytes(raw)
+
+class IngestConsumer(ConsumerRebalanceListener):  # type: ignore[misc]
+    """The ingest loop: poll a batch, route it, send, wait for the broker, commit."""
+
+    def __init__(self, rt: Runtime) -> None:
+        self.rt = rt
+        s = rt.settings
+        self.topic = rt.topics.ingest.get_topic_name()
+        self.group_id = s.ingest_group
+        self.pk_paths = s.identity.primary_key.paths
+        self.pk_steps = s.identity.primary_key.normalize
+        self.links = _LinkCache(100_000)
+        self.consumer: AIOKafkaConsumer | None = None
+        # Held while a batch is handled; a revocation waits for it (see on_partitions_revoked).
+        self._lock = asyncio.Lock()
+        #: Offsets read by this worker: partition -> last offset handed to the pipeline.
+        self.read_offsets: dict[TopicPartition, int] = {}
+        #: True once the consumer joined its group (``/health`` waits for it).
+        self.joined = False
+
+    # -- the consumer ---------------------------------------------------------------
+    def _new_consumer(self) -> AIOKafkaConsumer:
+        from app.replay import kafka_client_options
+
+        s = self.rt.settings
+        w = s.worker
+        return AIOKafkaConsumer(
+            group_id=self.group_id,
+            client_id=f"{s.kafka.app_id}-ingest",
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            max_poll_records=w.batch_max,
+            # None: aiokafka's 500 ms. Apache Kafka answers as soon as records are there.
+            fetch_max_wait_ms=w.fetch_max_wait_ms or 500,
+            session_timeout_ms=int(w.session_timeout * 1000),
+            heartbeat_interval_ms=int(w.heartbeat_interval * 1000),
+            **kafka_client_options(s),
+        )
+
+    async def run(self) -> None:
+        """Consume until the app stops; a failure restarts the consumer (re-reads)."""
+        while not self.rt.app.should_stop:
+            consumer = self._new_consumer()
+            consumer.subscribe([self.topic], listener=self)
+            self.consumer = consumer
+            try:
+                await consumer.start()
+                log.info("ingest consumer started", extra={"group": self.group_id,
+                                                           "topic": self.topic})
+                # The group join goes on in the background meanwhile. Events are read
+                # only once the worker's tables are recovered (as before, when ingest
+                # was an agent): nothing floods the internal topics during a recovery,
+                # and the producer is running by then.
+                await self._wait_recovered()
+                while not self.rt.app.should_stop:
+                    batch = await consumer.getmany(
+                        timeout_ms=1000, max_records=self.rt.settings.worker.batch_max
+                    )
+                    if batch:
+                        async with self._lock:
+                            await self.handle(batch)
+                            await self._commit(batch)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - restart, never die silently
+                log.error("ingest consumer failed (%s); restarting in %.0f s; uncommitted "
+                          "events are read again", exc, RESTART_DELAY_S,
+                          extra={"error": repr(exc)})
+                await asyncio.sleep(RESTART_DELAY_S)
+            finally:
+                self.consumer = None
+                self.joined = False
+                self.read_offsets.clear()
+                try:
+                    await consumer.stop()
+                except Exception:  # noqa: BLE001 - stopping a broken consumer
+                    log.debug("stopping the ingest consumer failed", exc_info=True)
+
+    async def _wait_recovered(self) -> None:
+        app = self.rt.app
+        while not app.should_stop:
+            recovery = getattr(app.tables, "recovery", None)
+            if (
+                recovery is not None
+                and recovery.completed.is_set()
+                and app.producer.state == "running"
+            ):
+                return
+            await asyncio.sleep(0.1)
+
+    async def _commit(self, batch: dict[TopicPartition, list[Any]]) -> None:
+        assert self.consumer is not None
+        offsets = {tp: records[-1].offset + 1 for tp, records in batch.items() if records}
+        try:
+            await self.consumer.commit(offsets)
+        except (CommitFailedError, KafkaError) as exc:
+            # The group rebalanced under us: the new owner re-reads these events (dedupe
+            # by messageId downstream); nothing is lost.
+            log.info("ingest commit refused (%s); the events will be read again", exc,
+                     extra={"partitions": len(offsets)})
+
+    # -- rebalance listener --------------------------------------------------------
+    async def on_partitions_revoked(self, revoked: Any) -> None:
+        # Finish (and commit) the batch in hand before the partitions go to another worker.
+        async with self._lock:
+            for tp in revoked:
+                self.read_offsets.pop(tp, None)
+
+    async def on_partitions_assigned(self, assigned: Any) -> None:
+        self.joined = True
+        log.info("ingest partitions assigned: %s",
+                 ",".join(str(tp.partition) for tp in sorted(assigned)),
+                 extra={"group": self.group_id, "partitions": len(assigned)})
+
+    # -- one batch ---------------------------------------------------------------
+    async def handle(self, batch: dict[TopicPartition, list[ConsumerRecord[Any, Any]]]) -> None:
+        rt = self.rt
+        m = rt.metrics
+        emits: list[Emit] = []
+        sent: list[Any] = []
+        invalid: dict[str, int] = {}
+        for tp, records in batch.items():
+            for record in records:
+                raw = record.value
+                raw = b"" if raw is None else bytes(raw)
+                src = source_of_record(record)
                 fallback = src["timestamp"] if isinstance(src["timestamp"], int) else None
-                result = validate_event(bytes(raw), fallback_ts_ms=fallback)
+                result = validate_event(raw, fallback_ts_ms=fallback)
                 if isinstance(result, InvalidEvent):
                     m.events_invalid.labels(result.reason).inc()
                     invalid[result.reason] = invalid.get(result.reason, 0) + 1
-                    await send_json(
+                    sent.append(await send_json(
                         rt.topics.dead_letters,
                         None,
-                        dead_letter_envelope(result.reason, result.error, bytes(raw), src),
-                    )
+                        dead_letter_envelope(result.reason, result.error, raw, src),
+                    ))
                     continue
                 m.events_in.labels(result.type).inc()
-                pk = resolve_primary_key(result.event, pk_paths, pk_steps)
+                pk = resolve_primary_key(result.event, self.pk_paths, self.pk_steps)
                 emits.extend(
                     route_ingested(
                         result.event,
@@ -72,14 +215,40 @@ def register(rt: Runtime) -> None:
                         result.anonymous_id,
                         pk,
                         src,
-                        known_links=links,
+                        known_links=self.links,
                     )
                 )
-            await send_emits(rt, emits)
-            if invalid:
-                log.warning(
-                    "dead letters written: %d invalid event(s)",
-                    sum(invalid.values()),
-                    extra={"dead_letters": sum(invalid.values()), "by_reason": invalid,
-                           "topic": rt.topics.dead_letters.get_topic_name()},
-                )
+            if records:
+                self.read_offsets[tp] = records[-1].offset
+        sent.extend(await send_emits(rt, emits))
+        await delivered(sent)
+        if invalid:
+            log.warning(
+                "dead letters written: %d invalid event(s)",
+                sum(invalid.values()),
+                extra={"dead_letters": sum(invalid.values()), "by_reason": invalid,
+                       "topic": rt.topics.dead_letters.get_topic_name()},
+            )
+
+
+class IngestService(mode.Service):
+    """Runs :class:`IngestConsumer` as a child of the Faust app.
+
+    A child starts with the app, not after table recovery like an ``@app.task``: the
+    ingest group's join (on Apache Kafka ``group.initial.rebalance.delay.ms``, on the
+    embedded broker half the session timeout) overlaps Faust's own join and recovery
+    instead of following them. Reading starts once the tables are recovered.
+    """
+
+    def __init__(self, ingest: IngestConsumer, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.ingest = ingest
+
+    async def on_start(self) -> None:
+        self.add_future(self.ingest.run())
+
+
+def register(rt: Runtime) -> None:
+    ingest = IngestConsumer(rt)
+    rt.state["ingest"] = ingest
+    rt.app.add_dependency(IngestService(ingest))

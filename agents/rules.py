@@ -203,24 +203,31 @@ def register(rt: Runtime) -> None:
         from app.group_backlog import GroupBacklog, nothing_left_to_read
         from app.replay import kafka_client_options
 
+        # The ingest topic is read by the ingest group, the internal hops by Faust's.
+        probes = [
+            GroupBacklog(s.ingest_group, [topics.ingest.get_topic_name()],
+                         kafka_client_options(s)),
+            GroupBacklog(s.kafka.app_id, [topics.identity.get_topic_name(),
+                                          topics.contact_events.get_topic_name()],
+                         kafka_client_options(s)),
+        ]
         try:
-            probe = GroupBacklog(
-                s.kafka.app_id,
-                [topics.ingest.get_topic_name(), topics.identity.get_topic_name(),
-                 topics.contact_events.get_topic_name()],
-                kafka_client_options(s),
-            )
-            await probe.start()
+            for probe in probes:
+                await probe.start()
         except Exception as exc:  # noqa: BLE001
             log.warning("group backlog probe unavailable (%s); idle clock uses local "
                         "silence only", exc)
             group["caught_up"] = True
+            for probe in probes:
+                await probe.stop()
             return
         failing = False
         try:
             while not rt.app.should_stop:
                 try:
-                    progress = await probe.progress()
+                    progress = {}
+                    for probe in probes:
+                        progress.update(await probe.progress())
                     group["caught_up"] = nothing_left_to_read(progress, _read_by_me(rt))
                     failing = False
                 except Exception as exc:  # noqa: BLE001
@@ -233,7 +240,8 @@ def register(rt: Runtime) -> None:
                     group["caught_up"] = True
                 await asyncio.sleep(1.0)
         finally:
-            await probe.stop()
+            for probe in probes:
+                await probe.stop()
 
 
 def engine_settings(rule_engine: dict[str, Any]) -> dict[str, Any]:
@@ -254,13 +262,23 @@ def _assignment(rt: Runtime) -> frozenset[Any]:
 
 
 def _read_by_me(rt: Runtime) -> dict[Any, int | None]:
-    """This worker's assigned partitions -> last offset its streams received."""
+    """This worker's assigned partitions -> last offset its streams (and its ingest
+    consumer) received."""
+    out: dict[Any, int | None] = {}
     try:
         consumer = rt.app.consumer
         read = getattr(consumer, "_read_offset", {})
-        return {tp: read.get(tp) for tp in consumer.assignment()}
+        out.update({tp: read.get(tp) for tp in consumer.assignment()})
     except Exception:  # not started / rebalancing: nothing is "mine"
-        return {}
+        pass
+    ingest = rt.state.get("ingest")
+    ingest_consumer = getattr(ingest, "consumer", None)
+    if ingest is not None and ingest_consumer is not None:
+        try:
+            out.update({tp: ingest.read_offsets.get(tp) for tp in ingest_consumer.assignment()})
+        except Exception:  # not subscribed yet
+            pass
+    return out
 
 
 def _recovered(rt: Runtime) -> bool:

@@ -272,10 +272,10 @@ def replay(
     except ValueError as exc:
         typer.echo(str(exc), err=True)
         raise typer.Exit(2) from None
-    group = settings.kafka.app_id
+    group = settings.ingest_group
     topic = settings.kafka.ingest_topic
     try:
-        members = asyncio.run(rp.describe_group(settings))
+        members = asyncio.run(rp.describe_worker_groups(settings))
         rows = asyncio.run(rp.build_plan(settings, target, chosen))
     except rp.ReplayError as exc:
         typer.echo(str(exc), err=True)
@@ -305,7 +305,7 @@ def replay(
         raise typer.Exit(1)
     try:
         # Checked again: the question may have waited a long time.
-        members = asyncio.run(rp.describe_group(settings))
+        members = asyncio.run(rp.describe_worker_groups(settings))
         if members.active:
             typer.echo(rp.format_members(members, settings.worker.session_timeout), err=True)
             raise typer.Exit(1)

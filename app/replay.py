@@ -1,10 +1,12 @@
 """`emarsys-stream replay`: move the workers' committed offsets on the ingest topic.
 
-What ``kafka-consumer-groups --reset-offsets`` does, for the worker's consumer group
-(``kafka.app_id``) and the ingest topic only, with the checks this service needs:
+What ``kafka-consumer-groups --reset-offsets`` does, for the workers' ingest consumer
+group (``<kafka.app_id>-ingest``) and the ingest topic only, with the checks this
+service needs:
 
-1. **No worker may be running.** The group is described (``DescribeGroups``) and the
-   replay is refused while it has members. A commit from outside the group is also
+1. **No worker may be running.** Both groups of the workers (the ingest group and the
+   Faust group ``kafka.app_id``) are described (``DescribeGroups``) and the replay is
+   refused while either has members. A commit from outside the group is also
    refused by Apache Kafka itself while the group has members (``UNKNOWN_MEMBER_ID``),
    so a worker that joins between the check and the commit cannot be overwritten.
    Before describing, one ``Heartbeat`` with no member id is sent to the group: Apache
@@ -59,6 +61,7 @@ __all__ = [
     "commit_plan",
     "compute_plan",
     "describe_group",
+    "describe_worker_groups",
     "format_members",
     "format_plan",
     "kafka_client_options",
@@ -426,12 +429,21 @@ def kafka_client_options(settings: Settings) -> dict[str, Any]:
     return opts
 
 
-async def describe_group(settings: Settings) -> GroupDescription:
-    """The worker group's members (see module docstring, step 1)."""
+async def describe_worker_groups(settings: Settings) -> GroupDescription:
+    """The first of the workers' groups that has members, else the (empty) ingest group."""
+    ingest = await describe_group(settings, settings.ingest_group)
+    if ingest.active:
+        return ingest
+    faust_group = await describe_group(settings, settings.kafka.app_id)
+    return faust_group if faust_group.active else ingest
+
+
+async def describe_group(settings: Settings, group: str | None = None) -> GroupDescription:
+    """The members of ``group`` (default: the ingest group; see module docstring, step 1)."""
     from aiokafka.admin import AIOKafkaAdminClient
     from aiokafka.protocol.group import HeartbeatRequest
 
-    group = settings.kafka.app_id
+    group = group or settings.ingest_group
     admin = AIOKafkaAdminClient(**kafka_client_options(settings))
     await admin.start()
     try:
@@ -503,7 +515,7 @@ async def build_plan(
     opts = kafka_client_options(settings)
     reader = AIOKafkaConsumer(group_id=None, enable_auto_commit=False, **opts)
     group = AIOKafkaConsumer(
-        group_id=settings.kafka.app_id, enable_auto_commit=False, **opts
+        group_id=settings.ingest_group, enable_auto_commit=False, **opts
     )
     await reader.start()
     await group.start()
@@ -573,7 +585,7 @@ async def commit_plan(settings: Settings, rows: Sequence[PartitionPlan]) -> dict
 
     topic = settings.kafka.ingest_topic
     consumer = AIOKafkaConsumer(
-        group_id=settings.kafka.app_id,
+        group_id=settings.ingest_group,
         enable_auto_commit=False,
         **kafka_client_options(settings),
     )
@@ -588,7 +600,7 @@ async def commit_plan(settings: Settings, rows: Sequence[PartitionPlan]) -> dict
             await consumer.commit(offsets)
         except CommitFailedError as exc:
             raise ReplayError(
-                f"refused by the broker: consumer group {settings.kafka.app_id!r} has members "
+                f"refused by the broker: consumer group {settings.ingest_group!r} has members "
                 "now (a worker started meanwhile?). Nothing was changed; stop the workers and "
                 "run replay again."
             ) from exc

@@ -26,12 +26,16 @@ def health_state(rt: Runtime) -> dict[str, Any]:
         assigned = 0
     recovery = getattr(app.tables, "recovery", None)
     recovered = bool(recovery is not None and recovery.completed.is_set())
-    ready = assigned > 0 and recovered and not app.rebalancing
+    # The ingest consumer (its own group, agents.ingest) must have joined too.
+    ingest = rt.state.get("ingest")
+    ingest_joined = ingest is None or bool(getattr(ingest, "joined", False))
+    ready = assigned > 0 and recovered and not app.rebalancing and ingest_joined
     return {
         "ready": ready,
         "assigned_partitions": assigned,
         "tables_recovered": recovered,
         "rebalancing": bool(app.rebalancing),
+        "ingest_joined": ingest_joined,
     }
 
 
@@ -101,6 +105,29 @@ async def update_consumer_lag(rt: Runtime) -> None:
             continue
         # The embedded broker's end offsets can lag behind what was read: never < 0.
         gauge.labels(tp.topic, str(tp.partition)).set(max(0, int(high) - int(next_offset)))
+    await _ingest_lag(rt)
+
+
+async def _ingest_lag(rt: Runtime) -> None:
+    """The ingest consumer's partitions (its own group, see agents.ingest)."""
+    ingest = rt.state.get("ingest")
+    consumer = getattr(ingest, "consumer", None)
+    if consumer is None:
+        return
+    gauge = rt.metrics.consumer_lag
+    try:
+        assigned = sorted(consumer.assignment())
+    except Exception:  # not subscribed yet
+        return
+    for tp in assigned:
+        try:
+            high = consumer.highwater(tp)
+            position = await asyncio.wait_for(consumer.position(tp), 2.0)
+        except Exception:
+            continue
+        if high is None or position is None:
+            continue
+        gauge.labels(tp.topic, str(tp.partition)).set(max(0, int(high) - int(position)))
 
 
 def register_ready_log(rt: Runtime) -> None:

@@ -644,10 +644,16 @@ class GroupLag:
     broker; a consumer with the group's id answers ``committed()`` without subscribing.)
     """
 
-    def __init__(self, bootstrap: str, group_id: str) -> None:
+    def __init__(
+        self, bootstrap: str, group_id: str, topic_groups: dict[str, str] | None = None
+    ) -> None:
         self.bootstrap = bootstrap
         self.group_id = group_id
+        #: topic -> the group that reads it, where that is not ``group_id`` (the worker's
+        #: ingest topic is read by ``<app_id>-ingest``, see agents/ingest.py).
+        self.topic_groups = dict(topic_groups or {})
         self._consumer: Any = None
+        self._others: dict[str, Any] = {}
         self._partitions: dict[str, list[int]] = {}
 
     @property
@@ -664,11 +670,19 @@ class GroupLag:
         )
         await consumer.start()  # no subscribe(): it never joins the group
         self._consumer = consumer
+        for group in sorted(set(self.topic_groups.values())):
+            other = AIOKafkaConsumer(
+                bootstrap_servers=self.bootstrap, group_id=group, enable_auto_commit=False
+            )
+            await other.start()
+            self._others[group] = other
 
     async def stop(self) -> None:
         consumer, self._consumer = self._consumer, None
-        if consumer is not None:
-            await consumer.stop()
+        others, self._others = self._others, {}
+        for c in [consumer, *others.values()]:
+            if c is not None:
+                await c.stop()
 
     async def partitions(self, topic: str) -> list[int]:
         """Partitions of ``topic`` (empty until the worker has created it)."""
@@ -687,9 +701,11 @@ class GroupLag:
         parts = await self.partitions(topic)
         if not parts:
             return None
+        group = self.topic_groups.get(topic)
+        consumer = self.consumer if group is None else self._others[group]
         out: dict[int, int] = {}
         for p in parts:
-            out[p] = await self.consumer.committed(TopicPartition(topic, p)) or 0
+            out[p] = await consumer.committed(TopicPartition(topic, p)) or 0
         return out
 
     async def ends(self, committed: dict[str, dict[int, int]]) -> dict[str, dict[int, int]]:
@@ -1128,7 +1144,7 @@ async def _worker_run(
     )
 
     profiler: subprocess.Popen[bytes] | None = None
-    lag = GroupLag(bootstrap, variant.app_id)
+    lag = GroupLag(bootstrap, variant.app_id, {INGEST_TOPIC: f"{variant.app_id}-ingest"})
     try:
         try:
             await _wait_ready(session, workers)

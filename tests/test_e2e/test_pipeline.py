@@ -225,20 +225,26 @@ async def test_dedupe_entries_expire_after_the_window(
     await dep.start_worker()
     await dep.produce([identify("win@example.com", mid="w1", uid="uw", firstName="A")])
     await wait_for(lambda: contact(simulator, "win@example.com"))
-
-    async def swept() -> bool:
-        return (await worker_metrics(dep)).get("emarsys_stream_dedupe_expired_total", 0) >= 1
-
+    rec = await user_record(dep, "win@example.com")
+    assert rec is not None and list(rec["seen"]) == ["w1"]  # remembered in the record
+    # Within the window the same messageId is a duplicate ...
+    await dep.produce([identify("win@example.com", mid="w1", uid="uw", firstName="X")])
+    await dep.produce([identify("win@example.com", mid="w2", uid="uw", firstName="A")])
     for _ in range(100):
-        if await swept():
+        rec = await user_record(dep, "win@example.com")
+        dups = (await worker_metrics(dep)).get("emarsys_stream_duplicates_total")
+        if rec is not None and "w2" in rec["seen"] and dups == 1:
             break
         await asyncio.sleep(0.2)
-    assert await swept(), "the dedupe sweep never removed the expired messageId"
-    # Same messageId again, past the window: it is a new event now, not a duplicate.
+    assert rec is not None and rec["event_count"] == 2 and dups == 1
+    await asyncio.sleep(2.5)
+    # ... past it, the same messageId is a new event, and the record forgets what expired.
     await dep.produce([identify("win@example.com", mid="w1", uid="uw", firstName="B")])
     await wait_for(lambda: (contact(simulator, "win@example.com") or {}).get("1") == "B")
     rec = await user_record(dep, "win@example.com")
-    assert rec is not None and rec["event_count"] == 2
+    assert rec is not None and rec["event_count"] == 3
+    assert list(rec["seen"]) == ["w1"]
+    assert (await worker_metrics(dep)).get("emarsys_stream_dedupe_expired_total") == 2
 
 
 async def test_internal_hops_carry_envelopes_and_read_older_records_and_garbage(

@@ -17,7 +17,7 @@ from app.replay import (
     ReplayError,
     build_plan,
     commit_plan,
-    describe_group,
+    describe_worker_groups,
     format_time_ms,
     parse_target,
 )
@@ -71,7 +71,8 @@ def settings_of(w: WorkerProcess) -> Settings:
 
 async def committed(dep: Deployment) -> dict[int, int | None]:
     consumer = AIOKafkaConsumer(
-        bootstrap_servers=dep.bootstrap, group_id=dep.name, enable_auto_commit=False
+        bootstrap_servers=dep.bootstrap, group_id=f"{dep.name}-ingest",
+        enable_auto_commit=False
     )
     await consumer.start()
     try:
@@ -99,7 +100,7 @@ async def wait_group_empty(w: WorkerProcess, timeout: float = 60.0) -> None:
     settings = settings_of(w)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if not (await describe_group(settings)).active:
+        if not (await describe_worker_groups(settings)).active:
             return
         await asyncio.sleep(0.5)
     raise AssertionError("the consumer group still has members")
