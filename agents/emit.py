@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Iterable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -16,8 +16,13 @@ if TYPE_CHECKING:
 
     from app.faust_app import Runtime
 
+#: One record read from an envelope topic: key, value, and the Faust event carrying it.
+Record = tuple[str, dict[str, Any], Any]
+
 __all__ = [
+    "Record",
     "chunks",
+    "consume_envelopes",
     "delivered",
     "envelope_records",
     "send_emits",
@@ -68,15 +73,13 @@ async def send_emits(rt: Runtime, emits: Iterable[Emit]) -> list[Awaitable[Any]]
     return sent
 
 
-async def envelope_records(
-    rt: Runtime, events: Iterable[faust.EventT]
-) -> list[tuple[str, dict[str, Any], faust.EventT]]:
+async def envelope_records(rt: Runtime, events: Iterable[faust.EventT]) -> list[Record]:
     """Every record in ``events`` with the event that carried it, in order.
 
     Anything that is not a record goes to the dead-letter topic (reason
     ``malformed_internal_message``) and is counted; it is never silently dropped.
     """
-    out: list[tuple[str, dict[str, Any], faust.EventT]] = []
+    out: list[Record] = []
     for ev in events:
         records, bad = unpack(ev.key, ev.value)
         out.extend((key, value, ev) for key, value in records)
@@ -92,12 +95,23 @@ async def envelope_records(
     return out
 
 
-def chunks(
-    records: list[tuple[str, dict[str, Any], Any]], size: int
-) -> Iterator[list[tuple[str, dict[str, Any], Any]]]:
+def chunks(records: list[Record], size: int) -> Iterator[list[Record]]:
     """``records`` cut into runs of at most ``size`` (a batch of envelopes can be big)."""
     for i in range(0, len(records), size):
         yield records[i : i + size]
+
+
+async def consume_envelopes(
+    rt: Runtime, stream: Any, handle: Callable[[list[Record]], Awaitable[None]]
+) -> None:
+    """The loop of an agent on an envelope topic: batches of messages, their records
+    handed to ``handle`` in runs of at most ``worker.batch_max`` (inside stream
+    iteration, so table writes keep Faust's changelog path)."""
+    w = rt.settings.worker
+    async for events in stream.take_events(w.batch_max, w.batch_within):
+        records = await envelope_records(rt, events)
+        for chunk in chunks(records, w.batch_max):
+            await handle(chunk)
 
 
 async def delivered(sent: Iterable[Awaitable[Any]]) -> None:

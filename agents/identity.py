@@ -6,7 +6,7 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any
 
-from agents.emit import chunks, delivered, envelope_records, send_emits
+from agents.emit import Record, consume_envelopes, delivered, send_emits
 from app.envelope import partition_for_key
 from app.resolution import Emit, IdentityResolver, IdentityState
 from tables.context import PartitionEvent
@@ -24,33 +24,38 @@ def _now_ms() -> int:
     return int(time.time() * 1000)
 
 
-def register(rt: Runtime) -> None:
-    s = rt.settings
+def batch_resolver(
+    rt: Runtime, events_by_key: dict[str, Any]
+) -> tuple[IdentityState, IdentityResolver]:
+    """Identity state as views over the tables for one batch, and its resolver."""
     t = rt.tables
+    s = rt.settings
+    state = IdentityState(
+        anonymous_ids=TableView(t.anonymous_ids, events_by_key),
+        user_ids=TableView(t.user_ids, events_by_key),
+        held=TableView(t.held_events, events_by_key),
+    )
+    resolver = IdentityResolver(
+        state,
+        hold_max_per_id=s.identity.hold_max_per_id,
+        hold_expiry_ms=int(s.identity.hold_expiry * 1000),
+        now_ms=_now_ms,
+    )
+    return state, resolver
+
+
+def register(rt: Runtime) -> None:
     m = rt.metrics
 
     register_held_sweep(rt)
 
     @rt.app.agent(rt.topics.identity, name="identity")
     async def identity(stream):  # type: ignore[no-untyped-def]
-        async for events in stream.take_events(s.worker.batch_max, s.worker.batch_within):
-            records = await envelope_records(rt, events)
-            for chunk in chunks(records, s.worker.batch_max):
-                await handle(chunk)
+        await consume_envelopes(rt, stream, handle)
 
-    async def handle(records: list[tuple[str, dict[str, Any], Any]]) -> None:
+    async def handle(records: list[Record]) -> None:
         by_key: dict[str, Any] = {key: ev for key, _value, ev in records}
-        state = IdentityState(
-            anonymous_ids=TableView(t.anonymous_ids, by_key),
-            user_ids=TableView(t.user_ids, by_key),
-            held=TableView(t.held_events, by_key),
-        )
-        resolver = IdentityResolver(
-            state,
-            hold_max_per_id=s.identity.hold_max_per_id,
-            hold_expiry_ms=int(s.identity.hold_expiry * 1000),
-            now_ms=_now_ms,
-        )
+        state, resolver = batch_resolver(rt, by_key)
         emits: list[Emit] = []
         for key, value, _ev in records:
             emits.extend(resolver.handle(key, value))
@@ -95,17 +100,7 @@ def register_held_sweep(rt: Runtime) -> None:
             expired_ids.append(ident)
         if not expired_ids:
             return
-        state = IdentityState(
-            anonymous_ids=TableView(t.anonymous_ids, events),
-            user_ids=TableView(t.user_ids, events),
-            held=TableView(t.held_events, events),
-        )
-        resolver = IdentityResolver(
-            state,
-            hold_max_per_id=s.identity.hold_max_per_id,
-            hold_expiry_ms=int(expiry * 1000),
-            now_ms=_now_ms,
-        )
+        state, resolver = batch_resolver(rt, events)
         emits: list[Emit] = []
         for ident in expired_ids:
             emits.extend(resolver.expire(ident))

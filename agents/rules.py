@@ -27,7 +27,7 @@ import time
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-from agents.emit import chunks, delivered, envelope_records, send_json, send_records
+from agents.emit import Record, consume_envelopes, delivered, send_json, send_records
 from app.durations import parse_duration
 from app.rules import RuleEngine, RuleMatch, parse_rules, trigger_id
 from app.rules.clock import EventClock
@@ -96,12 +96,9 @@ def register(rt: Runtime) -> None:
 
     @rt.app.agent(topics.contact_events, name="rules")
     async def rules(stream):  # type: ignore[no-untyped-def]
-        async for events in stream.take_events(s.worker.batch_max, s.worker.batch_within):
-            records = await envelope_records(rt, events)
-            for chunk in chunks(records, s.worker.batch_max):
-                await handle(chunk)
+        await consume_envelopes(rt, stream, handle)
 
-    async def handle(records: list[tuple[str, dict[str, Any], Any]]) -> None:
+    async def handle(records: list[Record]) -> None:
         by_pk: dict[str, Any] = {}
         items: list[tuple[str, dict[str, Any]]] = []
         for pk, msg, ev in records:

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 from prometheus_client import Counter
 
-from agents.emit import chunks, delivered, envelope_records, send_json
+from agents.emit import Record, consume_envelopes, delivered, send_json
 from app.audiences import AudienceMap
 from app.contacts import ContactUpdater
 from app.data_map import DataMap, FieldMapping
@@ -57,12 +57,9 @@ def register(rt: Runtime) -> None:
 
     @rt.app.agent(rt.topics.contact_events, name="users")
     async def users(stream):  # type: ignore[no-untyped-def]
-        async for events in stream.take_events(s.worker.batch_max, s.worker.batch_within):
-            records = await envelope_records(rt, events)
-            for chunk in chunks(records, s.worker.batch_max):
-                await handle(chunk)
+        await consume_envelopes(rt, stream, handle)
 
-    async def handle(records: list[tuple[str, dict[str, Any], Any]]) -> None:
+    async def handle(records: list[Record]) -> None:
         by_pk: dict[str, Any] = {}
         items: list[tuple[str, dict[str, Any]]] = []
         for pk, msg, ev in records:

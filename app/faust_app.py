@@ -153,11 +153,12 @@ def build_runtime(settings: Settings, *, agents: bool = True) -> Runtime:
         _install_fetch_max_wait_hook()
         _FETCH_MAX_WAIT_MS[id(app)] = settings.worker.fetch_max_wait_ms
     n = settings.kafka.partitions
+    envelopes = settings.worker.envelope_buffer_maxsize
     topics = Topics(
         ingest=_topic(app, settings.kafka.ingest_topic, n),
         dead_letters=_topic(app, settings.kafka.dead_letter_topic, n),
-        identity=_topic(app, settings.topic("identity"), n),
-        contact_events=_topic(app, settings.topic("contact-events"), n),
+        identity=_topic(app, settings.topic("identity"), n, maxsize=envelopes),
+        contact_events=_topic(app, settings.topic("contact-events"), n, maxsize=envelopes),
         operations=_topic(app, settings.topic("emarsys-operations"), n),
         results=_topic(app, settings.topic("emarsys-results"), n),
         emarsys_dead_letters=_topic(app, settings.topic("emarsys-dlq"), n),

@@ -449,6 +449,10 @@ class WorkerSettings(_Section):
     commit_interval: Annotated[Duration, Field(gt=0)] = 2.8
     max_poll_records: int = Field(default=10000, ge=1)
     stream_buffer_maxsize: int = Field(default=65536, ge=1)
+    # Messages each agent may hold unread from identity / contact-events. Those carry
+    # envelopes of up to 1,000 records (256 KiB), so this bounds the memory a backlog or
+    # a replay can take (64 x 256 KiB per agent), which stream_buffer_maxsize would not.
+    envelope_buffer_maxsize: int = Field(default=64, ge=1)
     producer_linger_ms: int = Field(default=5, ge=0)
     # Bytes per produce record batch. The embedded (Tansu) broker reports a partition's
     # end offset as "base offset of its last batch + 1", which breaks Faust's changelog
