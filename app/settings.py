@@ -453,6 +453,11 @@ class WorkerSettings(_Section):
     # envelopes of up to 1,000 records (256 KiB), so this bounds the memory a backlog or
     # a replay can take (64 x 256 KiB per agent), which stream_buffer_maxsize would not.
     envelope_buffer_maxsize: int = Field(default=64, ge=1)
+    # CPython's cyclic GC thresholds for the worker (gc.set_threshold); null keeps
+    # CPython's (700, 10, 10). See app.cli.tune_gc.
+    gc_thresholds: tuple[
+        Annotated[int, Field(ge=1)], Annotated[int, Field(ge=1)], Annotated[int, Field(ge=1)]
+    ] | None = (50_000, 50, 100)
     producer_linger_ms: int = Field(default=5, ge=0)
     # Bytes per produce record batch. The embedded (Tansu) broker reports a partition's
     # end offset as "base offset of its last batch + 1", which breaks Faust's changelog

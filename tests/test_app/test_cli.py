@@ -83,3 +83,20 @@ async def test_send_produces_every_line_to_the_ingest_topic(
     finally:
         await consumer.stop()
     assert sorted(got) == sorted(lines)
+
+
+def test_tune_gc_sets_the_thresholds_and_none_keeps_them() -> None:
+    import gc
+
+    from app.cli import tune_gc
+
+    before = gc.get_threshold()
+    try:
+        tune_gc(None)
+        assert gc.get_threshold() == before
+        tune_gc((12_345, 11, 12))
+        assert gc.get_threshold() == (12_345, 11, 12)
+        assert gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*before)

@@ -703,3 +703,20 @@ def test_config_error_type() -> None:
     assert error.errors == ["a.b: bad"]
     assert "a.b: bad" in str(error)
     assert ConfigError("x: y").errors == ["x: y"]
+
+
+def test_worker_tuning_for_envelopes_gc_and_dedupe() -> None:
+    s = Settings.model_validate(merged())
+    assert s.worker.gc_thresholds == (50_000, 50, 100)
+    assert s.worker.envelope_buffer_maxsize == 64
+    assert s.dedupe.max_ids_per_contact == 1000
+    assert s.ingest_group == f"{s.kafka.app_id}-ingest"
+    off = Settings.model_validate(merged(worker={"gc_thresholds": None}))
+    assert off.worker.gc_thresholds is None
+    errors = errors_of(
+        merged(worker={"gc_thresholds": [1000, 0, 10], "envelope_buffer_maxsize": 0},
+               dedupe={"max_ids_per_contact": 0})
+    )
+    assert "worker.gc_thresholds[1]: must be >= 1 (got 0)" in errors, errors
+    assert any(e.startswith("worker.envelope_buffer_maxsize:") for e in errors), errors
+    assert any(e.startswith("dedupe.max_ids_per_contact:") for e in errors), errors
