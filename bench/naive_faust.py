@@ -145,6 +145,8 @@ class NaiveSettings:
     commit_interval: float = 2.8
     producer_linger_ms: int = 5
     producer_max_batch_size: int = 16_384
+    #: CPython GC thresholds "gen0,gen1,gen2" as the worker sets them ("" = CPython's).
+    gc_thresholds: str = ""
 
 
 def faust_settings(s: NaiveSettings) -> dict[str, Any]:
@@ -320,7 +322,13 @@ def main(argv: list[str] | None = None) -> None:
     app = build_app(s)
     import faust
 
-    faust.Worker(app, loglevel=loglevel, quiet=True).execute_from_commandline()
+    from app.cli import tune_gc
+
+    worker = faust.Worker(app, loglevel=loglevel, quiet=True)
+    if s.gc_thresholds:
+        a, b, c = (int(x) for x in s.gc_thresholds.split(","))
+        tune_gc((a, b, c))
+    worker.execute_from_commandline()
 
 
 if __name__ == "__main__":

@@ -415,7 +415,8 @@ def naive_settings(
     """The naive Faust app's settings for this run: the tuned settings of
     broker-and-baselines.md, which are the worker's defaults (``take(2000, within=0.05)``,
     ``max_poll_records`` 10,000, ``stream_buffer_maxsize`` 65,536), and every other
-    Faust/aiokafka setting as the worker has it, ``--set worker.*`` included."""
+    Faust/aiokafka setting as the worker has it, ``--set worker.*`` included; also the
+    worker's CPython GC thresholds (``worker.gc_thresholds``)."""
     from app.settings import WorkerSettings
 
     cfg = worker_config(opts, bootstrap, "http://127.0.0.1:1/", web_port, work_dir)
@@ -438,6 +439,7 @@ def naive_settings(
         heartbeat_interval=w.heartbeat_interval,
         commit_interval=w.commit_interval,
         producer_linger_ms=w.producer_linger_ms,
+        gc_thresholds=",".join(str(x) for x in w.gc_thresholds) if w.gc_thresholds else "",
         producer_max_batch_size=w.producer_max_batch_size,
     )
 
@@ -1979,6 +1981,7 @@ def _naive_rows(result: dict[str, Any]) -> list[tuple[str, str]]:
             f"{st['take_max']} within {st['take_within']} s / {st['max_poll_records']:,} / "
             f"{st['stream_buffer_maxsize']:,}",
         ),
+        ("  CPython GC thresholds", st.get("gc_thresholds") or "CPython's (700, 10, 10)"),
         ("  start -> ready", _num(n["startup_seconds"], " s")),
         ("  ready -> every event in the table", _num(n["seconds_to_all_processed"], " s")),
         (
