@@ -25,6 +25,7 @@ __all__ = [
     "consume_envelopes",
     "delivered",
     "envelope_records",
+    "handled_offsets",
     "send_emits",
     "send_json",
     "send_records",
@@ -101,17 +102,35 @@ def chunks(records: list[Record], size: int) -> Iterator[list[Record]]:
         yield records[i : i + size]
 
 
+def handled_offsets(rt: Runtime, agent: str) -> dict[tuple[str, int], int]:
+    """(topic, partition) -> last offset ``agent`` has handled on this worker.
+
+    Faust's own read offsets count what sits unhandled in a stream buffer too, which
+    with envelopes can be a whole backlog; the rules clock's backlog check and the
+    ingest stage's pacing need what was actually handled.
+    """
+    per_agent: dict[str, dict[tuple[str, int], int]] = rt.state.setdefault(
+        "handled_offsets", {}
+    )
+    return per_agent.setdefault(agent, {})
+
+
 async def consume_envelopes(
-    rt: Runtime, stream: Any, handle: Callable[[list[Record]], Awaitable[None]]
+    rt: Runtime, stream: Any, handle: Callable[[list[Record]], Awaitable[None]], agent: str
 ) -> None:
     """The loop of an agent on an envelope topic: batches of messages, their records
     handed to ``handle`` in runs of at most ``worker.batch_max`` (inside stream
     iteration, so table writes keep Faust's changelog path)."""
     w = rt.settings.worker
+    handled = handled_offsets(rt, agent)
     async for events in stream.take_events(w.batch_max, w.batch_within):
         records = await envelope_records(rt, events)
         for chunk in chunks(records, w.batch_max):
             await handle(chunk)
+        for ev in events:
+            tp = (ev.message.topic, ev.message.partition)
+            if ev.message.offset > handled.get(tp, -1):
+                handled[tp] = ev.message.offset
 
 
 async def delivered(sent: Iterable[Awaitable[Any]]) -> None:

@@ -51,7 +51,7 @@ def register(rt: Runtime) -> None:
 
     @rt.app.agent(rt.topics.identity, name="identity")
     async def identity(stream):  # type: ignore[no-untyped-def]
-        await consume_envelopes(rt, stream, handle)
+        await consume_envelopes(rt, stream, handle, "identity")
 
     async def handle(records: list[Record]) -> None:
         by_key: dict[str, Any] = {key: ev for key, _value, ev in records}

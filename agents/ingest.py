@@ -26,7 +26,7 @@ import mode
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import CommitFailedError, KafkaError
 
-from agents.emit import delivered, send_emits, send_json
+from agents.emit import delivered, handled_offsets, send_emits, send_json
 from app.data_map import resolve_primary_key
 from app.dead_letter import dead_letter_envelope
 from app.events import InvalidEvent, validate_event
@@ -84,6 +84,8 @@ class IngestConsumer(ConsumerRebalanceListener):  # type: ignore[misc]
         self._lock = asyncio.Lock()
         #: Offsets read by this worker: partition -> last offset handed to the pipeline.
         self.read_offsets: dict[TopicPartition, int] = {}
+        #: (topic, partition) -> last offset this stage wrote on ``identity``.
+        self.produced: dict[tuple[str, int], int] = {}
         #: True once the consumer joined its group (``/health`` waits for it).
         self.joined = False
 
@@ -122,6 +124,7 @@ class IngestConsumer(ConsumerRebalanceListener):  # type: ignore[misc]
                 # and the producer is running by then.
                 await self._wait_recovered()
                 while not self.rt.app.should_stop:
+                    await self._wait_for_identity_agent()
                     batch = await consumer.getmany(
                         timeout_ms=1000, max_records=self.rt.settings.worker.batch_max
                     )
@@ -144,6 +147,39 @@ class IngestConsumer(ConsumerRebalanceListener):  # type: ignore[misc]
                     await consumer.stop()
                 except Exception:  # noqa: BLE001 - stopping a broken consumer
                     log.debug("stopping the ingest consumer failed", exc_info=True)
+
+    def identity_lead(self) -> int:
+        """Envelopes this stage wrote on this worker's ``identity`` partitions that the
+        identity agent has not handled yet."""
+        handled = handled_offsets(self.rt, "identity")
+        try:
+            assigned = {(tp.topic, tp.partition) for tp in self.rt.app.consumer.assignment()}
+        except Exception:  # not started / rebalancing
+            return 0
+        return sum(
+            max(0, last - handled.get(tp, -1))
+            for tp, last in self.produced.items()
+            if tp in assigned
+        )
+
+    async def _wait_for_identity_agent(self) -> None:
+        """Stay at most ``worker.ingest_max_lead`` envelopes per partition ahead.
+
+        Events with a primary key go straight to ``contact-events``, the others take
+        the identity hop. Read far ahead of the identity agent (this stage is much
+        faster), the direct events of a backlog would reach the rules agent minutes of
+        event time before the identity-hop events of the same moment, and those would
+        be judged late. Kept close, both paths move together, as when ingest was a
+        Faust agent sharing the identity agent's pace. Without rules nothing depends on
+        that mix, and ingest reads ahead freely.
+        """
+        if not self.rt.settings.rules:
+            return  # only the rules engine's per-contact clock cares how the paths mix
+        limit = self.rt.settings.worker.ingest_max_lead
+        app = self.rt.app
+        parts = max(1, self.rt.settings.kafka.partitions)
+        while not app.should_stop and self.identity_lead() > limit * parts:  # noqa: ASYNC110
+            await asyncio.sleep(0.01)  # polled: progress is a dict the agents update
 
     async def _wait_recovered(self) -> None:
         app = self.rt.app
@@ -222,6 +258,12 @@ class IngestConsumer(ConsumerRebalanceListener):  # type: ignore[misc]
                 self.read_offsets[tp] = records[-1].offset
         sent.extend(await send_emits(rt, emits))
         await delivered(sent)
+        identity_topic = rt.topics.identity.get_topic_name()
+        for fut in sent:
+            meta = fut.result()
+            if getattr(meta, "topic", None) == identity_topic:
+                key = (meta.topic, meta.partition)
+                self.produced[key] = max(self.produced.get(key, -1), meta.offset)
         if invalid:
             log.warning(
                 "dead letters written: %d invalid event(s)",

@@ -27,7 +27,14 @@ import time
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-from agents.emit import Record, consume_envelopes, delivered, send_json, send_records
+from agents.emit import (
+    Record,
+    consume_envelopes,
+    delivered,
+    handled_offsets,
+    send_json,
+    send_records,
+)
 from app.durations import parse_duration
 from app.rules import RuleEngine, RuleMatch, parse_rules, trigger_id
 from app.rules.clock import EventClock
@@ -52,7 +59,9 @@ def register(rt: Runtime) -> None:
         return
     ruleset = parse_rules(s.rules, engine_settings(s.rule_engine))
     engine = RuleEngine(ruleset)
-    clock = EventClock(ruleset.allowed_lateness_ms, idle_timeout(s.rule_engine))
+    clock = EventClock(
+        ruleset.allowed_lateness_ms, idle_timeout(s.rule_engine), wait_for_partitions=True
+    )
     deadlines: dict[str, int] = {}  # primary key -> next deadline (event time, ms)
     key_id = str(s.identity.primary_key.field_id)
     table = rt.tables.rule_state
@@ -96,7 +105,7 @@ def register(rt: Runtime) -> None:
 
     @rt.app.agent(topics.contact_events, name="rules")
     async def rules(stream):  # type: ignore[no-untyped-def]
-        await consume_envelopes(rt, stream, handle)
+        await consume_envelopes(rt, stream, handle, "rules")
 
     async def handle(records: list[Record]) -> None:
         by_pk: dict[str, Any] = {}
@@ -200,6 +209,7 @@ def register(rt: Runtime) -> None:
         from app.group_backlog import GroupBacklog, nothing_left_to_read
         from app.replay import kafka_client_options
 
+        ingest_topic = topics.ingest.get_topic_name()
         # The ingest topic is read by the ingest group, the internal hops by Faust's.
         probes = [
             GroupBacklog(s.ingest_group, [topics.ingest.get_topic_name()],
@@ -226,6 +236,11 @@ def register(rt: Runtime) -> None:
                     for probe in probes:
                         progress.update(await probe.progress())
                     group["caught_up"] = nothing_left_to_read(progress, _read_by_me(rt))
+                    # Ingest partitions that have records: each feeds the clock.
+                    clock.expect({
+                        (tp.topic, tp.partition) for tp, p in progress.items()
+                        if tp.topic == ingest_topic and p.end > 0
+                    })
                     failing = False
                 except Exception as exc:  # noqa: BLE001
                     if not failing:
@@ -259,15 +274,26 @@ def _assignment(rt: Runtime) -> frozenset[Any]:
 
 
 def _read_by_me(rt: Runtime) -> dict[Any, int | None]:
-    """This worker's assigned partitions -> last offset its streams (and its ingest
-    consumer) received."""
+    """This worker's assigned partitions -> last offset it has handled there (None:
+    nothing yet): on ``identity`` by the identity agent, on ``contact-events`` by both
+    the users and the rules agent (the lower), on the ingest topic by the ingest
+    consumer. Not Faust's read offsets: those count envelopes still waiting in a stream
+    buffer, a whole backlog of them at times."""
     out: dict[Any, int | None] = {}
+    agents_of = {
+        rt.topics.identity.get_topic_name(): ("identity",),
+        rt.topics.contact_events.get_topic_name(): ("users", "rules"),
+    }
     try:
-        consumer = rt.app.consumer
-        read = getattr(consumer, "_read_offset", {})
-        out.update({tp: read.get(tp) for tp in consumer.assignment()})
+        assigned = list(rt.app.consumer.assignment())
     except Exception:  # not started / rebalancing: nothing is "mine"
-        pass
+        assigned = []
+    for tp in assigned:
+        agents = agents_of.get(tp.topic)
+        if agents is None:
+            continue
+        done = [handled_offsets(rt, a).get((tp.topic, tp.partition)) for a in agents]
+        out[tp] = None if any(d is None for d in done) else min(d for d in done if d is not None)
     ingest = rt.state.get("ingest")
     ingest_consumer = getattr(ingest, "consumer", None)
     if ingest is not None and ingest_consumer is not None:

@@ -57,7 +57,7 @@ def register(rt: Runtime) -> None:
 
     @rt.app.agent(rt.topics.contact_events, name="users")
     async def users(stream):  # type: ignore[no-untyped-def]
-        await consume_envelopes(rt, stream, handle)
+        await consume_envelopes(rt, stream, handle, "users")
 
     async def handle(records: list[Record]) -> None:
         by_pk: dict[str, Any] = {}

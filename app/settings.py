@@ -453,6 +453,9 @@ class WorkerSettings(_Section):
     # envelopes of up to 1,000 records (256 KiB), so this bounds the memory a backlog or
     # a replay can take (64 x 256 KiB per agent), which stream_buffer_maxsize would not.
     envelope_buffer_maxsize: int = Field(default=64, ge=1)
+    # Envelopes per identity partition the ingest stage may be ahead of the identity
+    # agent (see agents.ingest.IngestConsumer._wait_for_identity_agent).
+    ingest_max_lead: int = Field(default=1, ge=0)
     # CPython's cyclic GC thresholds for the worker (gc.set_threshold); null keeps
     # CPython's (700, 10, 10). See app.cli.tune_gc.
     gc_thresholds: tuple[

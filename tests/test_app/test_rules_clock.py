@@ -94,3 +94,40 @@ def test_a_pause_longer_than_the_limit_counts_as_idleness_after_all() -> None:
     assert c.watermark(caught_up=False) == 20_000 - 1000
     mono.t += 1.0
     assert c.watermark(caught_up=False) == 50_000 + 60_000 - 1000
+
+
+def test_an_input_partition_not_heard_yet_holds_the_clock_during_a_backlog() -> None:
+    from app.rules.clock import HOLD_MS
+
+    mono = FakeMonotonic()
+    c = EventClock(1000, 2.0, monotonic=mono, wait_for_partitions=True)
+    # Partition 0 read first (the ingest consumer may drain one partition's backlog
+    # before another's): before the partitions are known, and while partition 1 is
+    # unheard, nothing is due, so partition 1's older events are not late.
+    c.observe(90_000, ("in", 0, "direct"))
+    assert c.watermark(caught_up=False) == HOLD_MS
+    c.expect({("in", 0), ("in", 1)})
+    assert c.watermark(caught_up=False) == HOLD_MS
+    c.observe(30_000, ("in", 1, "identity:user"))
+    assert c.watermark(caught_up=False) == 30_000 - 1000
+    # Once held with a watermark, a newly expected partition keeps it where it is.
+    c.expect({("in", 0), ("in", 1), ("in", 2)})
+    c.observe(60_000, ("in", 1, "identity:user"))
+    assert c.watermark(caught_up=False) == 30_000 - 1000
+    c.observe(70_000, ("in", 2, "direct"))
+    assert c.watermark(caught_up=False) == 60_000 - 1000
+
+
+def test_expected_partitions_do_not_hold_once_caught_up() -> None:
+    mono = FakeMonotonic()
+    c = EventClock(1000, 2.0, monotonic=mono, wait_for_partitions=True)
+    c.expect({("in", 0), ("in", 1)})
+    c.observe(90_000, ("in", 0, "direct"))
+    # Nothing left to read: partition 1 has nothing on its way.
+    assert c.watermark(caught_up=True) == 90_000 - 1000
+
+
+def test_without_wait_for_partitions_nothing_is_expected() -> None:
+    c, _ = clock()
+    c.observe(90_000, ("in", 0, "direct"))
+    assert c.watermark(caught_up=False) == 90_000 - 1000
