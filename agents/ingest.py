@@ -37,7 +37,7 @@ if TYPE_CHECKING:
 
     from app.faust_app import Runtime
 
-__all__ = ["IngestConsumer", "register", "source_of_record"]
+__all__ = ["IdentityLead", "IngestConsumer", "register", "source_of_record"]
 
 log = logging.getLogger("emarsys_stream.ingest")
 
@@ -68,6 +68,35 @@ def source_of_record(record: ConsumerRecord[Any, Any]) -> dict[str, object]:
     }
 
 
+class IdentityLead:
+    """How far the ingest stage is ahead of this worker's identity agent, in envelopes.
+
+    Counts, per ``identity`` partition assigned to this worker, the envelopes this stage
+    wrote there that the identity agent has not handled. A partition that arrives with
+    a rebalance starts from nothing: what was written there before was handled by its
+    previous owner or is read again from the committed offset, and an old mark there
+    must not make the stage wait for offsets this worker will never handle.
+    """
+
+    def __init__(self) -> None:
+        self.written: dict[tuple[str, int], int] = {}
+        self._assigned: set[tuple[str, int]] = set()
+
+    def wrote(self, tp: tuple[str, int], offset: int) -> None:
+        if offset > self.written.get(tp, -1):
+            self.written[tp] = offset
+
+    def of(self, assigned: set[tuple[str, int]], handled: dict[tuple[str, int], int]) -> int:
+        for tp in assigned - self._assigned:
+            self.written.pop(tp, None)
+        self._assigned = set(assigned)
+        return sum(
+            max(0, last - handled.get(tp, -1))
+            for tp, last in self.written.items()
+            if tp in assigned
+        )
+
+
 class IngestConsumer(ConsumerRebalanceListener):  # type: ignore[misc]
     """The ingest loop: poll a batch, route it, send, wait for the broker, commit."""
 
@@ -84,8 +113,8 @@ class IngestConsumer(ConsumerRebalanceListener):  # type: ignore[misc]
         self._lock = asyncio.Lock()
         #: Offsets read by this worker: partition -> last offset handed to the pipeline.
         self.read_offsets: dict[TopicPartition, int] = {}
-        #: (topic, partition) -> last offset this stage wrote on ``identity``.
-        self.produced: dict[tuple[str, int], int] = {}
+        #: What this stage wrote on ``identity`` and the identity agent has not handled.
+        self.lead = IdentityLead()
         #: True once the consumer joined its group (``/health`` waits for it).
         self.joined = False
 
@@ -151,16 +180,11 @@ class IngestConsumer(ConsumerRebalanceListener):  # type: ignore[misc]
     def identity_lead(self) -> int:
         """Envelopes this stage wrote on this worker's ``identity`` partitions that the
         identity agent has not handled yet."""
-        handled = handled_offsets(self.rt, "identity")
         try:
             assigned = {(tp.topic, tp.partition) for tp in self.rt.app.consumer.assignment()}
         except Exception:  # not started / rebalancing
             return 0
-        return sum(
-            max(0, last - handled.get(tp, -1))
-            for tp, last in self.produced.items()
-            if tp in assigned
-        )
+        return self.lead.of(assigned, handled_offsets(self.rt, "identity"))
 
     async def _wait_for_identity_agent(self) -> None:
         """Stay at most ``worker.ingest_max_lead`` envelopes per partition ahead.
@@ -262,8 +286,7 @@ class IngestConsumer(ConsumerRebalanceListener):  # type: ignore[misc]
         for fut in sent:
             meta = fut.result()
             if getattr(meta, "topic", None) == identity_topic:
-                key = (meta.topic, meta.partition)
-                self.produced[key] = max(self.produced.get(key, -1), meta.offset)
+                self.lead.wrote((meta.topic, meta.partition), meta.offset)
         if invalid:
             log.warning(
                 "dead letters written: %d invalid event(s)",
