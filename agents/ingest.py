@@ -41,8 +41,10 @@ __all__ = ["IdentityLead", "IngestConsumer", "register", "source_of_record"]
 
 log = logging.getLogger("emarsys_stream.ingest")
 
-#: Pause before reconnecting after the ingest consumer failed (the batch is re-read).
+#: Pause before reconnecting after the ingest consumer failed (the batch is re-read),
+#: doubling while it keeps failing, up to RESTART_DELAY_MAX_S.
 RESTART_DELAY_S = 1.0
+RESTART_DELAY_MAX_S = 30.0
 
 
 class _LinkCache(OrderedDict[tuple[str, str], str]):
@@ -139,7 +141,9 @@ class IngestConsumer(ConsumerRebalanceListener):  # type: ignore[misc]
 
     async def run(self) -> None:
         """Consume until the app stops; a failure restarts the consumer (re-reads)."""
+        delay = RESTART_DELAY_S
         while not self.rt.app.should_stop:
+            failed = False
             consumer = self._new_consumer()
             consumer.subscribe([self.topic], listener=self)
             self.consumer = consumer
@@ -161,13 +165,14 @@ class IngestConsumer(ConsumerRebalanceListener):  # type: ignore[misc]
                         async with self._lock:
                             await self.handle(batch)
                             await self._commit(batch)
+                        delay = RESTART_DELAY_S
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # noqa: BLE001 - restart, never die silently
                 log.error("ingest consumer failed (%s); restarting in %.0f s; uncommitted "
-                          "events are read again", exc, RESTART_DELAY_S,
-                          extra={"error": repr(exc)})
-                await asyncio.sleep(RESTART_DELAY_S)
+                          "events are read again", exc, delay,
+                          extra={"error": repr(exc), "retry_in_s": delay})
+                failed = True
             finally:
                 self.consumer = None
                 self.joined = False
@@ -176,6 +181,9 @@ class IngestConsumer(ConsumerRebalanceListener):  # type: ignore[misc]
                     await consumer.stop()
                 except Exception:  # noqa: BLE001 - stopping a broken consumer
                     log.debug("stopping the ingest consumer failed", exc_info=True)
+            if failed:
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, RESTART_DELAY_MAX_S)  # a long outage: fewer retries
 
     def identity_lead(self) -> int:
         """Envelopes this stage wrote on this worker's ``identity`` partitions that the
