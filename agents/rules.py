@@ -315,8 +315,8 @@ def _rebuild(table: Any, engine: RuleEngine, clock: EventClock, deadlines: dict[
     for key, raw in list(table.items()):
         state = loads(raw)
         pk = key.decode() if isinstance(key, bytes) else str(key)
-        last = state.get("last_ts") if isinstance(state, dict) else None
-        if isinstance(last, int):
+        last = restored_event_time(state)
+        if last is not None:
             clock.restore(last)
         d = engine.next_deadline(state)
         if d is not None:
@@ -324,6 +324,19 @@ def _rebuild(table: Any, engine: RuleEngine, clock: EventClock, deadlines: dict[
             n += 1
     if n:
         log.info("restored %d pending rule deadlines", n)
+
+
+def restored_event_time(state: Any) -> int | None:
+    """The newest event time a contact's stored rule state has seen: its clock, or a
+    newer event still waiting in its buffer (the clock may have held while the events
+    arrived, e.g. before all ingest partitions were heard, and the worker died then)."""
+    if not isinstance(state, dict):
+        return None
+    times = [state["last_ts"]] if isinstance(state.get("last_ts"), int) else []
+    buffer = state.get("buffer")
+    if isinstance(buffer, list):
+        times.extend(e[0] for e in buffer if isinstance(e, list) and e and isinstance(e[0], int))
+    return max(times) if times else None
 
 
 def _count(m: Any, stats: Any) -> None:

@@ -124,7 +124,10 @@ async def test_restart_with_open_absence_window_fires_exactly_once(
     await wait_for(lambda: simulator.state.contact_by_key("restart@example.com", "3"))
     w.kill()  # kill -9 while the absence window is open
     await dep.start_worker()
-    await wait_for(lambda: triggers(simulator), timeout=90)
+    try:
+        await wait_for(lambda: triggers(simulator), timeout=90)
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}; no trigger after the restart\n{dep.log_digest()}") from exc
     await asyncio.sleep(6)  # give a duplicate the chance to appear
     assert len(triggers(simulator)) == 1
     # Exactly one program run in Emarsys: one distinct trigger. If the kill landed after
