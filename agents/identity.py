@@ -63,7 +63,7 @@ def register(rt: Runtime) -> None:
         await delivered(await send_emits(rt, emits))
         for view in (state.anonymous_ids, state.user_ids, state.held):
             assert isinstance(view, TableView)
-            view.flush()
+            await view.flush()
         st = resolver.stats
         if st.held:
             m.held.inc(st.held)
@@ -106,7 +106,7 @@ def register_held_sweep(rt: Runtime) -> None:
             emits.extend(resolver.expire(ident))
         await delivered(await send_emits(rt, emits))  # dead letters before the deletions
         assert isinstance(state.held, TableView)
-        state.held.flush()
+        await state.held.flush()
         if resolver.stats.expired:
             m.expired.labels("expired").inc(resolver.stats.expired)
             log.warning("dead letters written: %d held event(s) expired",

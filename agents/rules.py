@@ -164,7 +164,7 @@ def register(rt: Runtime) -> None:
             m.late_events.inc()
             sent.append(await send_json(topics.late_events, pk, msg))
         await delivered(sent)
-        view.flush()
+        await view.flush()
         if matches:
             by_rule: dict[str, int] = {}
             for _pk, match in matches:

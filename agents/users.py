@@ -100,4 +100,4 @@ def register(rt: Runtime) -> None:
         await delivered(
             [await send_json(rt.topics.operations, op["primary_key"], op) for op in ops]
         )
-        users_view.flush()
+        await users_view.flush()

@@ -1,12 +1,12 @@
-"""Writing Faust tables from batched (``take_events``) agents.
+"""Writing Faust tables from batched (``take_events``) agents through Faust's own path.
 
 Faust routes a table write to the changelog partition (and RocksDB partition store)
 of the *current event*, a context variable that per-event iteration sets. With
 ``stream.take_events()`` the batch is handed to us after the fact, so we set the
-context to the event that caused each write. This keeps Faust's own changelog and
-store code in charge (no hand-written changelog messages) while letting an agent
-coalesce many updates of one key into one write per batch (one changelog message
-instead of one per event: the main Faust cost measured in broker-and-baselines.md).
+context to the event that caused each write. :class:`tables.view.TableView` uses this
+where :mod:`tables.writer` (RocksDB write batches and changelog record batches, the
+default) does not apply: the in-memory store, transactions. Either way an agent
+coalesces many updates of one key into one write per batch.
 """
 
 from __future__ import annotations

@@ -2,9 +2,10 @@
 
 Agents read and write tables through a :class:`TableView` while handling a batch
 from ``stream.take_events()``; :meth:`TableView.flush` then writes every changed key
-once (one changelog message per key per batch, not per event), each inside the
-event context of a message with that key so Faust picks the right changelog and
-store partition.
+once (one changelog record per key per batch, not per event) to the changelog and
+store partition of the message that carried the key: with RocksDB in one write
+batch and one changelog record batch per partition (:mod:`tables.writer`), otherwise
+through Faust's own ``table[key] = value`` inside that message's event context.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import faust
 
 from tables.codec import dumps, loads
 from tables.context import event_context
+from tables.writer import Change, table_writer
 
 __all__ = ["TableView"]
 
@@ -28,6 +30,8 @@ class TableView(MutableMapping[str, Any]):
         self.events_by_key = events_by_key
         self._cache: dict[str, Any] = {}
         self._dirty: set[str] = set()
+        self._writer = table_writer(table)
+        self._direct = self._writer.direct()
 
     def __getitem__(self, key: str) -> Any:
         try:
@@ -35,7 +39,9 @@ class TableView(MutableMapping[str, Any]):
         except KeyError:
             ev = self.events_by_key.get(key)
             kb = key.encode()
-            if ev is not None:
+            if ev is not None and self._direct:
+                raw = self._writer.get(kb, ev.message.partition)
+            elif ev is not None:
                 with event_context(ev):
                     raw = self.table.get(kb)
             else:
@@ -65,8 +71,10 @@ class TableView(MutableMapping[str, Any]):
     def dirty_count(self) -> int:
         return len(self._dirty)
 
-    def flush(self) -> int:
+    async def flush(self) -> int:
         """Write every changed key once; returns how many keys were written."""
+        if self._direct:
+            return await self._flush_direct()
         n = 0
         for key in self._dirty:
             value = self._cache[key]
@@ -82,3 +90,19 @@ class TableView(MutableMapping[str, Any]):
         self._dirty.clear()
         self._cache.clear()
         return n
+
+    async def _flush_direct(self) -> int:
+        changes: dict[int, list[Change]] = {}
+        for key in self._dirty:
+            value = self._cache[key]
+            partition = self.events_by_key[key].message.partition
+            kb = key.encode()
+            if value is _DELETED:
+                if self._writer.get(kb, partition) is None:
+                    continue  # set and deleted within the batch: nothing to remove
+                changes.setdefault(partition, []).append((kb, None))
+            else:
+                changes.setdefault(partition, []).append((kb, dumps(value)))
+        self._dirty.clear()
+        self._cache.clear()
+        return await self._writer.write(changes)
