@@ -65,6 +65,9 @@ STAT_KEYS: Final = (
     "suppressed",
 )
 
+#: Distinct (type, event, name) keys RuleEngine.relevant remembers before starting over.
+_MAX_CANDIDATE_KEYS: Final = 4096
+
 # Outcomes of feeding one event to one partial match.
 _KEEP: Final = 0
 _DROP: Final = 1
@@ -136,6 +139,11 @@ class RuleEngine:
         self._key_shapes = tuple(
             dict.fromkeys((t is not None, e is not None, n is not None) for t, e, n in specs)
         )
+        #: (type, event, name) of events seen by relevant() -> specs that may match them
+        self._candidates: dict[tuple[Any, Any, Any], tuple[EventSpec, ...]] = {}
+        #: (event, its projection) made by relevant(): on_event of that same event object
+        #: (the caller's next call) uses it instead of projecting again.
+        self._projected: tuple[Mapping[str, Any], dict[str, Any]] | None = None
 
     # -- public API ------------------------------------------------------------------------
 
@@ -167,9 +175,9 @@ class RuleEngine:
         (``EventSpec.match_static``: type/event/name and ``where``; ``eq_step``/``ne_step``
         are not evaluated, so they count as matching). Always True when any rule has a
         ``contiguity: strict`` step: strict contiguity counts every event of the contact
-        (``seq``), so an event matching nothing still breaks a strict sequence. Cheap: one
-        dict lookup per type/event/name shape of the rule set, and a projection only when
-        some step has the event's type/event/name.
+        (``seq``), so an event matching nothing still breaks a strict sequence. Cheap: a
+        (memoised) lookup of the steps with the event's type/event/name, and a projection
+        only when there are any (:meth:`on_event` of the same event reuses it).
 
         Why skipping such an event (no :meth:`on_event`, no state write) emits the same
         matches, with the same events, data and event times, when no rule is strict:
@@ -206,10 +214,26 @@ class RuleEngine:
         """
         if self._every_event_relevant:
             return True
-        t = event.get("type")
-        e = event.get("event")
-        n = event.get("name")
-        candidates: list[EventSpec] = []
+        key = (event.get("type"), event.get("event"), event.get("name"))
+        try:
+            candidates = self._candidates[key]
+        except KeyError:
+            candidates = self._candidates_for(key)
+        except TypeError:  # an unhashable type/event/name: equals no spec's str
+            candidates = ()
+        if not candidates:
+            return False
+        view = self.project(event)
+        self._projected = (event, view)
+        for spec in candidates:
+            if spec.match_static(view):
+                return True
+        return False
+
+    def _candidates_for(self, key: tuple[Any, Any, Any]) -> tuple[EventSpec, ...]:
+        """Specs whose type/event/name the event's ``key`` has (memoised, bounded)."""
+        t, e, n = key
+        found: list[EventSpec] = []
         for has_t, has_e, has_n in self._key_shapes:
             # A spec only equals str values: any other value (or none) cannot match it.
             if (
@@ -218,14 +242,15 @@ class RuleEngine:
                 or (has_n and type(n) is not str)
             ):
                 continue
-            key = (t if has_t else None, e if has_e else None, n if has_n else None)
-            found = self._specs_by_key.get(key)
-            if found:
-                candidates.extend(found)
-        if not candidates:
-            return False
-        view = self.project(event)
-        return any(spec.match_static(view) for spec in candidates)
+            specs = self._specs_by_key.get(
+                (t if has_t else None, e if has_e else None, n if has_n else None)
+            )
+            if specs:
+                found.extend(specs)
+        if len(self._candidates) >= _MAX_CANDIDATE_KEYS:
+            self._candidates.clear()  # event names are client data: keep the memo bounded
+        result = self._candidates[key] = tuple(found)
+        return result
 
     def on_event(
         self,
@@ -240,10 +265,13 @@ class RuleEngine:
 
         Returns ``duplicate=True`` (ignored) for a message_id already applied or buffered, and
         ``late=True`` (not applied) for ``ts_ms`` older than the contact's clock. Either way the
-        watermark is still applied, so the result may carry matches.
+        watermark is still applied, so the result may carry matches. Right after
+        :meth:`relevant` of the same event object (not changed since), the projection made
+        there is used.
         """
         st = self._load(state)
         res = EngineResult(st)
+        projected, self._projected = self._projected, None
         if message_id in st["recent_ids"]:
             res.duplicate = True
             res.stats["duplicates"] += 1
@@ -251,7 +279,12 @@ class RuleEngine:
             res.late = True
             res.stats["late"] += 1
         else:
-            entry = [ts_ms, message_id, self.project(event)]
+            view = (
+                projected[1]
+                if projected is not None and projected[0] is event
+                else self.project(event)
+            )
+            entry = [ts_ms, message_id, view]
             buf: list[list[Any]] = st["buffer"]
             if not buf or (buf[-1][0], buf[-1][1]) <= (ts_ms, message_id):
                 buf.append(entry)

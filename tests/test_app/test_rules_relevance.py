@@ -509,3 +509,34 @@ def test_the_generated_streams_are_deterministic() -> None:
     ts = [x[1] for x in a.actions if x[0] == "event"]
     assert ticks and ts != sorted(ts)  # timer ticks and out-of-order delivery both occur
 
+
+
+def test_on_event_reuses_the_projection_made_by_relevant() -> None:
+    e = engine(CART)
+    event = track("Product Viewed", price=5, sku="S1", color="red")
+    assert e.relevant(event)
+    calls: list[Any] = []
+    project = e.project
+    e.project = lambda ev: calls.append(ev) or project(ev)  # type: ignore[method-assign]
+    st = e.on_event(None, event, T0, "v1", watermark_ms=T0 - 1).state
+    assert calls == [] and st["buffer"][0][2] == {
+        "type": "track", "event": "Product Viewed", "properties.price": 5,
+        "properties.sku": "S1",
+    }
+    # Used once: the next call projects again...
+    e.on_event(st, event, T0 + 1, "v2", watermark_ms=T0 - 1)
+    assert len(calls) == 1
+    # ...and so does another event object, even an equal one.
+    assert e.relevant(event)
+    assert len(calls) == 2
+    e.on_event(st, dict(event), T0 + 2, "v3", watermark_ms=T0 - 1)
+    assert len(calls) == 3
+
+
+def test_the_lookup_memo_stays_bounded() -> None:
+    e = engine(CART)
+    for i in range(10_000):
+        assert not e.relevant(track(f"Client Event {i}"))
+    assert 0 < len(e._candidates) <= 4096
+    assert e.relevant(track("Product Viewed", price=1))
+    assert not e.relevant({"type": "track", "event": {"not": "hashable"}})
