@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import random
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -517,7 +518,12 @@ def test_on_event_reuses_the_projection_made_by_relevant() -> None:
     assert e.relevant(event)
     calls: list[Any] = []
     project = e.project
-    e.project = lambda ev: calls.append(ev) or project(ev)  # type: ignore[method-assign]
+
+    def counting_project(event: Mapping[str, Any]) -> dict[str, Any]:
+        calls.append(event)
+        return project(event)
+
+    e.project = counting_project  # type: ignore[method-assign]
     st = e.on_event(None, event, T0, "v1", watermark_ms=T0 - 1).state
     assert calls == [] and st["buffer"][0][2] == {
         "type": "track", "event": "Product Viewed", "properties.price": 5,
