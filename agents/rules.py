@@ -125,6 +125,7 @@ def register(rt: Runtime) -> None:
         view = TableView(table, by_pk)
         matches: list[tuple[str, RuleMatch]] = []
         late: list[tuple[str, dict[str, Any]]] = []
+        irrelevant = 0
         for pk, msg in items:
             kind = msg.get("kind")
             wm = clock.watermark(caught_up=group["caught_up"])
@@ -134,6 +135,11 @@ def register(rt: Runtime) -> None:
                 # Only released held events so far (they never move the clock):
                 # judge this one by its own time rather than skip it.
                 wm = int(msg["ts"]) - ruleset.allowed_lateness_ms
+            if kind == "event" and not engine.relevant(msg["event"]):
+                # Matches no step of any rule: cannot change a match (see
+                # RuleEngine.relevant), so no state read, no write, no deadline change.
+                irrelevant += 1
+                continue
             state = view.get(pk)
             if kind == "event":
                 event = msg["event"]
@@ -155,6 +161,8 @@ def register(rt: Runtime) -> None:
                 deadlines.pop(pk, None)
             else:
                 deadlines[pk] = res.next_deadline_ms
+        if irrelevant:
+            m.rule_engine.labels("irrelevant").inc(irrelevant)
         # Triggers and late events first; the state recording them as fired only
         # once the broker has them (see agents.emit.delivered).
         sent: list[Any] = []

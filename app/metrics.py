@@ -94,7 +94,8 @@ class Metrics:
         )
         self.rule_engine = Counter(
             "emarsys_stream_rule_engine",
-            "Rule engine events: duplicates, late, dropped/expired partials, suppressed",
+            "Rule engine events: duplicates, late, dropped/expired partials, suppressed, "
+            "irrelevant (events matching no step of any rule: skipped, no state write)",
             ["what"],
             registry=r,
         )

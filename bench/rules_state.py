@@ -10,6 +10,11 @@ contact that sends thousands of events matching many first steps. Every event go
 
 The workload (:func:`build_rules`, :func:`generate_events`, :func:`run`) is shared with
 ``tests/test_app/test_rules_memory.py``.
+
+``--relaxed``: the one strict rule template (3 blog pages in a row) becomes relaxed, so that
+:meth:`~app.rules.RuleEngine.relevant` can reject events (with a strict step every event is
+relevant). ``--skip-irrelevant``: like the rules agent, such events are not loaded, applied or
+stored; the report counts them and the state writes either way.
 """
 
 from __future__ import annotations
@@ -70,7 +75,7 @@ FAR_FUTURE_MS: Final = 30 * D
 # --------------------------------------------------------------------------------------------
 
 
-def _rules_for(cat: str, event_id: int) -> list[dict[str, Any]]:
+def _rules_for(cat: str, event_id: int, *, strict: bool = True) -> list[dict[str, Any]]:
     stem = _STEMS[cat]
     return [
         {
@@ -230,7 +235,7 @@ def _rules_for(cat: str, event_id: int) -> list[dict[str, Any]]:
                     "type": "page",
                     "name": "Blog",
                     "at_least": 3,
-                    "contiguity": "strict",
+                    "contiguity": "strict" if strict else "relaxed",
                     "where": {"properties.category": cat},
                 },
                 {"event": "Signed Up", "where": {"properties.method": {"not_in": ["sso"]}}},
@@ -257,11 +262,16 @@ def _rules_for(cat: str, event_id: int) -> list[dict[str, Any]]:
     ]
 
 
-def build_rules(max_partial_matches: int = 20, allowed_lateness: str = "5m") -> RuleSet:
-    """The 50 rules (10 templates x 5 categories), compiled by :func:`parse_rules`."""
+def build_rules(
+    max_partial_matches: int = 20, allowed_lateness: str = "5m", *, strict: bool = True
+) -> RuleSet:
+    """The 50 rules (10 templates x 5 categories), compiled by :func:`parse_rules`.
+
+    ``strict=False``: the blog template's ``contiguity: strict`` becomes relaxed.
+    """
     raw: list[dict[str, Any]] = []
     for n, cat in enumerate(CATEGORIES):
-        raw.extend(_rules_for(cat, 5000 + 10 * n))
+        raw.extend(_rules_for(cat, 5000 + 10 * n, strict=strict))
     return parse_rules(
         raw,
         {"allowed_lateness": allowed_lateness, "max_partial_matches": max_partial_matches},
@@ -489,6 +499,11 @@ class RunResult:
     final_watermark: int
     #: state bytes of the heavy contact after each of its events
     heavy_sizes: list[int] = field(default_factory=list)
+    #: events RuleEngine.relevant rejects (skipped with ``skip_irrelevant``)
+    irrelevant: int = 0
+    #: states stored during the stream (one rule_state put + changelog message each)
+    state_writes: int = 0
+    skipped_irrelevant: bool = False
 
 
 def run(
@@ -496,10 +511,13 @@ def run(
     ruleset: RuleSet,
     *,
     on_state: Callable[[str, dict[str, Any]], None] | None = None,
+    skip_irrelevant: bool = False,
 ) -> RunResult:
     """Feed every event through the engine (state as orjson bytes), then advance far ahead.
 
     ``on_state(pk, state)`` (optional) is called with every state the engine returns.
+    ``skip_irrelevant``: events :meth:`RuleEngine.relevant` rejects are skipped (no state
+    load, engine call or store), as the rules agent does.
     """
     engine = RuleEngine(ruleset)
     cap = ruleset.max_partial_matches
@@ -532,10 +550,18 @@ def run(
             on_state(pk, state)
         return size
 
+    irrelevant = writes = 0
     loop_start = clock()
     for ts, pk, mid, event in workload.events:
         if ts > max_ts:
             max_ts = ts
+        if skip_irrelevant:
+            t = clock()
+            relevant = engine.relevant(event)
+            engine_s += clock() - t
+            if not relevant:
+                irrelevant += 1
+                continue
         raw = store.get(pk)
         state = None if raw is None else loads(raw)
         t = clock()
@@ -545,9 +571,12 @@ def run(
         for m in res.matches:
             matches[m.rule] += 1
         size = record(store, pk, res.state)
+        writes += 1
         if pk == HEAVY_PK:
             heavy_sizes.append(size)
     loop_s = clock() - loop_start
+    if not skip_irrelevant:
+        irrelevant = sum(1 for e in workload.events if not engine.relevant(e[3]))
 
     # The final timer: far beyond every `within` and absence deadline.
     final_wm = max_ts + FAR_FUTURE_MS
@@ -572,6 +601,9 @@ def run(
         loop_s=loop_s,
         final_watermark=final_wm,
         heavy_sizes=heavy_sizes,
+        irrelevant=irrelevant,
+        state_writes=writes,
+        skipped_irrelevant=skip_irrelevant,
     )
 
 
@@ -614,6 +646,10 @@ def summary(result: RunResult, *, contacts: int, rules: int) -> list[str]:
         f" (max_partial_matches {result.engine.ruleset.max_partial_matches});"
         f" dropped {s['dropped_partials']:,}, expired {s['expired_partials']:,};"
         f" matches {s['matches']:,}, suppressed {s['suppressed']:,}, late {s['late']:,}",
+        f"irrelevant events (match no step of any rule): {result.irrelevant:,}"
+        f" ({result.irrelevant / max(1, result.events):.1%}),"
+        f" {'skipped' if result.skipped_irrelevant else 'applied'};"
+        f" state writes during the stream: {result.state_writes:,}",
     ]
     return lines
 
@@ -631,12 +667,23 @@ def main(argv: list[str] | None = None) -> int:
         help="rule_engine.max_partial_matches (20; the engine default is 100)",
     )
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument(
+        "--relaxed",
+        action="store_true",
+        help="make the one strict rule template relaxed (a strict step makes every event"
+        " relevant)",
+    )
+    parser.add_argument(
+        "--skip-irrelevant",
+        action="store_true",
+        help="skip events that match no step of any rule, as the rules agent does",
+    )
     args = parser.parse_args(argv)
-    ruleset = build_rules(args.max_partial_matches)
+    ruleset = build_rules(args.max_partial_matches, strict=not args.relaxed)
     t = time.perf_counter()
     workload = generate_events(args.contacts, heavy_events=args.heavy_events, seed=args.seed)
     gen_s = time.perf_counter() - t
-    result = run(workload, ruleset)
+    result = run(workload, ruleset, skip_irrelevant=args.skip_irrelevant)
     print(f"generated {len(workload.events):,} events in {gen_s:.2f} s")
     for line in summary(result, contacts=args.contacts, rules=len(ruleset.rules)):
         print(line)

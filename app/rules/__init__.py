@@ -112,6 +112,15 @@ partial matches expire by ``within`` on events and on the watermark. For an ``at
 step in a rule without ``within`` an event already counted by an older partial match starts no
 new one (the older one dominates it). ``RuleMatch.events`` lists the matched events in order,
 at most 100: the first and the latest 99 (only a long ``at_least`` run reaches that).
+
+Irrelevant events. An event that matches no step of any rule (positive or absent, ignoring
+``eq_step``/``ne_step``; :meth:`RuleEngine.relevant`) is not stored in rule state unless a
+rule has a ``strict`` step (strict contiguity counts every event of the contact): the rules
+agent skips it, so it costs no state read or write. It cannot change which matches are
+emitted nor their events, data or event times (the argument is in the docstring of
+:meth:`RuleEngine.relevant`), but it does not move the contact's clock: it is never reported
+late and does not make later events late; an event arriving behind the watermark may thus be
+judged late differently than if every event were applied.
 """
 
 from app.rules.engine import EngineResult, RuleEngine, RuleMatch, trigger_id

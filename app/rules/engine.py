@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from typing import Any, Final
 
 from app.paths import MISSING, read_path
-from app.rules.model import Rule, RuleSet
+from app.rules.model import EventSpec, Rule, RuleSet
 
 __all__ = [
     "MAX_EVENTS_PER_MATCH",
@@ -64,6 +64,9 @@ STAT_KEYS: Final = (
     "expired_partials",
     "suppressed",
 )
+
+#: Distinct (type, event, name) keys RuleEngine.relevant remembers before starting over.
+_MAX_CANDIDATE_KEYS: Final = 4096
 
 # Outcomes of feeding one event to one partial match.
 _KEEP: Final = 0
@@ -122,6 +125,25 @@ class RuleEngine:
         self._paths = ruleset.view_paths
         self._lateness = ruleset.allowed_lateness_ms
         self._max_partials = ruleset.max_partial_matches
+        # relevant(): strict contiguity counts every event of the contact (``seq``), so with
+        # a strict step anywhere every event matters. Otherwise the specs of all steps
+        # (positive and absent), indexed by their (type, event, name) discriminant.
+        self._every_event_relevant = any(s.strict for r in ruleset.rules for s in r.steps)
+        specs: dict[tuple[str | None, str | None, str | None], list[EventSpec]] = {}
+        for rule in ruleset.rules:
+            for step in rule.steps:
+                sp = step.spec
+                specs.setdefault((sp.type, sp.event, sp.name), []).append(sp)
+        self._specs_by_key = {k: tuple(v) for k, v in specs.items()}
+        #: Which of type/event/name each indexed key sets (a few shapes at most).
+        self._key_shapes = tuple(
+            dict.fromkeys((t is not None, e is not None, n is not None) for t, e, n in specs)
+        )
+        #: (type, event, name) of events seen by relevant() -> specs that may match them
+        self._candidates: dict[tuple[Any, Any, Any], tuple[EventSpec, ...]] = {}
+        #: (event, its projection) made by relevant(): on_event of that same event object
+        #: (the caller's next call) uses it instead of projecting again.
+        self._projected: tuple[Mapping[str, Any], dict[str, Any]] | None = None
 
     # -- public API ------------------------------------------------------------------------
 
@@ -146,6 +168,90 @@ class RuleEngine:
                 view[text] = value
         return view
 
+    def relevant(self, event: Mapping[str, Any]) -> bool:
+        """Whether ``event`` can matter to any rule (False: the caller may skip it).
+
+        False when no step of any rule, positive or absent, matches the event statically
+        (``EventSpec.match_static``: type/event/name and ``where``; ``eq_step``/``ne_step``
+        are not evaluated, so they count as matching). Always True when any rule has a
+        ``contiguity: strict`` step: strict contiguity counts every event of the contact
+        (``seq``), so an event matching nothing still breaks a strict sequence. Cheap: a
+        (memoised) lookup of the steps with the event's type/event/name, and a projection
+        only when there are any (:meth:`on_event` of the same event reuses it).
+
+        Why skipping such an event (no :meth:`on_event`, no state write) emits the same
+        matches, with the same events, data and event times, when no rule is strict:
+
+        * It matches no step, so it never starts, extends, completes or (absent step)
+          cancels a partial match. ``times``/``at_least`` count, ``eq_step`` and ``data``
+          read and ``once_per`` compares matched events only.
+        * Applied, a non-matching event can only *expire* a partial match: rule ``within``
+          exceeded, or every step ``within`` the partial could use next has passed. Relaxed
+          steps keep it alive; absences (with or without ``for``) end only on a matching
+          event or at a deadline; ``_DROP`` for a non-matching event needs strict. Those
+          tests read only the event's ts and fields that matched events set, and events are
+          applied in ts order, so the next applied event (ts >= this one's) ends that
+          partial too before any step could extend it (expired, or dropped when it is a
+          forbidden event), and for rule ``within`` ``_expire`` does at the same watermark
+          already. Such a partial has no absence deadline left (a
+          partial waiting for one is always kept), so meanwhile it fires nothing, and it
+          is gone before a new partial is counted against ``max_partial_matches``; it only
+          delays forgetting ``once_per`` history, which is conservative.
+        * ``seq`` is read only by strict contiguity (excluded) and to order matched events.
+
+        What skipping does change: the contact's clock (``last_ts``). A skipped event does
+        not move it, so the event is never reported late and does not make later events
+        late; a partial match it would have expired at its own ts may be expired by the
+        watermark instead, which moves the clock to the end of the rule's ``within``,
+        past that ts. Only events that arrive behind the watermark can be judged late
+        differently by that (and matches then differ accordingly): the clock never passes
+        the watermark, so no event at or after it is ever late. The event is not
+        remembered in ``recent_ids`` (a redelivery is skipped
+        again). Due buffered events and deadlines of the contact are applied by its next
+        event or timer (:meth:`advance_time`) instead, with the same event times.
+        ``stats["expired_partials"]`` may count a partial later, or not at all when the
+        next event cancels it.
+        """
+        if self._every_event_relevant:
+            return True
+        key = (event.get("type"), event.get("event"), event.get("name"))
+        try:
+            candidates = self._candidates[key]
+        except KeyError:
+            candidates = self._candidates_for(key)
+        except TypeError:  # an unhashable type/event/name: equals no spec's str
+            candidates = ()
+        if not candidates:
+            return False
+        view = self.project(event)
+        self._projected = (event, view)
+        for spec in candidates:
+            if spec.match_static(view):
+                return True
+        return False
+
+    def _candidates_for(self, key: tuple[Any, Any, Any]) -> tuple[EventSpec, ...]:
+        """Specs whose type/event/name the event's ``key`` has (memoised, bounded)."""
+        t, e, n = key
+        found: list[EventSpec] = []
+        for has_t, has_e, has_n in self._key_shapes:
+            # A spec only equals str values: any other value (or none) cannot match it.
+            if (
+                (has_t and type(t) is not str)
+                or (has_e and type(e) is not str)
+                or (has_n and type(n) is not str)
+            ):
+                continue
+            specs = self._specs_by_key.get(
+                (t if has_t else None, e if has_e else None, n if has_n else None)
+            )
+            if specs:
+                found.extend(specs)
+        if len(self._candidates) >= _MAX_CANDIDATE_KEYS:
+            self._candidates.clear()  # event names are client data: keep the memo bounded
+        result = self._candidates[key] = tuple(found)
+        return result
+
     def on_event(
         self,
         state: dict[str, Any] | None,
@@ -159,10 +265,13 @@ class RuleEngine:
 
         Returns ``duplicate=True`` (ignored) for a message_id already applied or buffered, and
         ``late=True`` (not applied) for ``ts_ms`` older than the contact's clock. Either way the
-        watermark is still applied, so the result may carry matches.
+        watermark is still applied, so the result may carry matches. Right after
+        :meth:`relevant` of the same event object (not changed since), the projection made
+        there is used.
         """
         st = self._load(state)
         res = EngineResult(st)
+        projected, self._projected = self._projected, None
         if message_id in st["recent_ids"]:
             res.duplicate = True
             res.stats["duplicates"] += 1
@@ -170,7 +279,12 @@ class RuleEngine:
             res.late = True
             res.stats["late"] += 1
         else:
-            entry = [ts_ms, message_id, self.project(event)]
+            view = (
+                projected[1]
+                if projected is not None and projected[0] is event
+                else self.project(event)
+            )
+            entry = [ts_ms, message_id, view]
             buf: list[list[Any]] = st["buffer"]
             if not buf or (buf[-1][0], buf[-1][1]) <= (ts_ms, message_id):
                 buf.append(entry)
