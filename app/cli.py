@@ -15,7 +15,7 @@ from typing import Annotated, Any
 import typer
 import yaml
 
-from app.broker import EmbeddedBroker, free_port, wait_for_port
+from app.broker import EMBEDDED_FETCH_MAX_WAIT_MS, EmbeddedBroker, free_port, wait_for_port
 from app.settings import ConfigError, Settings, load_settings
 
 __all__ = ["main", "cli"]
@@ -172,7 +172,8 @@ def run(
             worker_tuning = settings.worker.model_copy(
                 update={"producer_max_batch_size": 1, "session_timeout": 6.0,
                         "heartbeat_interval": 1.0,
-                        "fetch_max_wait_ms": settings.worker.fetch_max_wait_ms or 50}
+                        "fetch_max_wait_ms": settings.worker.fetch_max_wait_ms
+                        or EMBEDDED_FETCH_MAX_WAIT_MS}
             )
             settings = settings.model_copy(
                 update={"data_dir": str(fresh), "worker": worker_tuning}

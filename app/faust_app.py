@@ -147,11 +147,16 @@ def _install_fetch_max_wait_hook() -> None:
     AIOKafkaConsumerThread._emarsys_fetch_wait_hook = True  # type: ignore[attr-defined]
 
 
+def set_fetch_max_wait(app: faust.App, wait_ms: int) -> None:
+    """Make ``app``'s Kafka consumer wait at most ``wait_ms`` for data per fetch."""
+    _install_fetch_max_wait_hook()
+    _FETCH_MAX_WAIT_MS[id(app)] = wait_ms
+
+
 def build_runtime(settings: Settings, *, agents: bool = True) -> Runtime:
     app = faust.App(**faust_settings(settings))
     if settings.worker.fetch_max_wait_ms is not None:
-        _install_fetch_max_wait_hook()
-        _FETCH_MAX_WAIT_MS[id(app)] = settings.worker.fetch_max_wait_ms
+        set_fetch_max_wait(app, settings.worker.fetch_max_wait_ms)
     n = settings.kafka.partitions
     envelopes = settings.worker.envelope_buffer_maxsize
     topics = Topics(

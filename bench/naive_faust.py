@@ -147,6 +147,8 @@ class NaiveSettings:
     producer_max_batch_size: int = 16_384
     #: CPython GC thresholds "gen0,gen1,gen2" as the worker sets them ("" = CPython's).
     gc_thresholds: str = ""
+    #: The consumer's fetch_max_wait_ms as the worker sets it (0 = Faust's fixed 1500).
+    fetch_max_wait_ms: int = 0
 
 
 def faust_settings(s: NaiveSettings) -> dict[str, Any]:
@@ -250,6 +252,10 @@ def build_app(s: NaiveSettings) -> Any:
     import faust
 
     app = faust.App(**faust_settings(s))
+    if s.fetch_max_wait_ms:
+        from app.faust_app import set_fetch_max_wait
+
+        set_fetch_max_wait(app, s.fetch_max_wait_ms)
     ingest = app.topic(s.topic, key_serializer="raw", value_serializer="raw")
     by_key = app.topic(
         repartition_topic(s.app_id),

@@ -55,7 +55,7 @@ import aiohttp
 import orjson
 import yaml
 
-from app.broker import EmbeddedBroker, free_port, wait_for_port
+from app.broker import EMBEDDED_FETCH_MAX_WAIT_MS, EmbeddedBroker, free_port, wait_for_port
 from bench.generate import GeneratedEvents, build_rules, generate_events, rule_time_unit
 from bench.naive_faust import (
     NaiveSettings,
@@ -396,6 +396,10 @@ def worker_config(
         "web": {"host": "127.0.0.1", "port": web_port},
         "store": opts.store,
         "data_dir": str(data_dir),
+        # What `run` sets for the embedded broker, which holds a fetch for much of its
+        # wait even when records arrive; Apache Kafka answers as soon as there are
+        # records, so this stands in for it (see worker.fetch_max_wait_ms).
+        "worker": {"fetch_max_wait_ms": EMBEDDED_FETCH_MAX_WAIT_MS},
     }
     if rules:
         cfg["rules"] = rules
@@ -441,6 +445,7 @@ def naive_settings(
         producer_linger_ms=w.producer_linger_ms,
         gc_thresholds=",".join(str(x) for x in w.gc_thresholds) if w.gc_thresholds else "",
         producer_max_batch_size=w.producer_max_batch_size,
+        fetch_max_wait_ms=w.fetch_max_wait_ms or 0,
     )
 
 

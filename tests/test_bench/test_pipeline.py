@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 import bench.__main__ as cli
+from app.broker import EMBEDDED_FETCH_MAX_WAIT_MS
 from app.settings import load_settings
 from bench.generate import build_rules
 from bench.pipeline import (
@@ -299,6 +300,18 @@ def test_naive_settings_are_tuned_and_follow_the_worker_settings(tmp_path: Path)
     )
     s = naive_settings(opts, "127.0.0.1:9092", 8124, tmp_path, 10)
     assert (s.store, s.session_timeout, s.take_max) == ("memory://", 6.0, 500)
+
+
+def test_worker_and_naive_app_wait_for_fetches_as_run_does_on_the_embedded_broker(
+    tmp_path: Path,
+) -> None:
+    assert _config(tmp_path)["worker"]["fetch_max_wait_ms"] == EMBEDDED_FETCH_MAX_WAIT_MS == 50
+    assert naive_settings(PipelineOptions(), "h:1", 1, tmp_path, 1).fetch_max_wait_ms == 50
+    opts = PipelineOptions(overrides={"worker.fetch_max_wait_ms": 500})
+    assert _config(tmp_path, opts={"overrides": opts.overrides})["worker"] == {
+        "fetch_max_wait_ms": 500
+    }
+    assert naive_settings(opts, "h:1", 1, tmp_path, 1).fetch_max_wait_ms == 500
 
 
 def test_variants_of_a_run() -> None:
