@@ -476,6 +476,14 @@ class WorkerSettings(_Section):
     fetch_max_wait_ms: int | None = Field(default=None, ge=1, le=60_000)
     # A Kafka request unanswered this long is logged (API, broker, queue depth).
     kafka_stall_warning: Annotated[Duration, Field(gt=0)] = 20.0
+    # RocksDB memory of each table store (one per table and partition this worker holds,
+    # five tables): the block cache for reads, and up to `rocksdb_write_buffers` write
+    # buffers (memtables) of `rocksdb_write_buffer_mb` for writes. Faust's defaults
+    # (2 GiB of cache and 3 x 64 MiB per store) let a worker with 1,000,000 contacts
+    # grow past 1 GiB; see README "Memory".
+    rocksdb_block_cache_mb: int = Field(default=8, ge=1)
+    rocksdb_write_buffer_mb: int = Field(default=16, ge=1)
+    rocksdb_write_buffers: int = Field(default=2, ge=2)
 
 
 _NULL_MEANS_DEFAULT = (

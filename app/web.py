@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 from faust.exceptions import SameNode
 
 from tables.codec import loads
+from tables.writer import table_writer
 
 if TYPE_CHECKING:
     from app.faust_app import Runtime
@@ -46,7 +47,7 @@ def register_views(rt: Runtime) -> None:
     @app.page("/metrics")
     async def metrics(web: Any, request: Any) -> Any:
         try:
-            rt.metrics.users_table_keys.set(sum(1 for _ in rt.tables.users.keys()))
+            rt.metrics.users_table_keys.set(await table_writer(rt.tables.users).count_keys())
         except Exception:  # table not ready during a rebalance
             pass
         await update_consumer_lag(rt)

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import faust
 
-__all__ = ["Tables", "define_tables"]
+__all__ = ["StoreMemory", "Tables", "define_tables"]
 
 
 @dataclass(frozen=True)
@@ -35,7 +35,27 @@ class Tables:
     rule_state: faust.Table
 
 
-def _table(app: faust.App, name: str, partitions: int, help_: str) -> faust.Table:
+@dataclass(frozen=True)
+class StoreMemory:
+    """RocksDB memory of one table store (one per table and partition)."""
+
+    block_cache_mb: int = 8
+    write_buffer_mb: int = 16
+    write_buffers: int = 2
+
+    def rocksdb_options(self) -> dict[str, int]:
+        """Faust's ``RocksDBOptions`` keywords (a table's ``options=``)."""
+        mib = 1024 * 1024
+        return {
+            "block_cache_size": self.block_cache_mb * mib,
+            "write_buffer_size": self.write_buffer_mb * mib,
+            "max_write_buffer_number": self.write_buffers,
+        }
+
+
+def _table(
+    app: faust.App, name: str, partitions: int, help_: str, memory: StoreMemory
+) -> faust.Table:
     return app.Table(  # type: ignore[return-value]
         name,
         default=None,
@@ -44,14 +64,24 @@ def _table(app: faust.App, name: str, partitions: int, help_: str) -> faust.Tabl
         key_type=bytes,
         value_type=bytes,
         help=help_,
+        # A fresh dict per table: Faust's RocksDB store pops keys from it. Ignored by the
+        # memory store.
+        options=memory.rocksdb_options(),
     )
 
 
-def define_tables(app: faust.App, partitions: int) -> Tables:
+def define_tables(
+    app: faust.App, partitions: int, memory: StoreMemory | None = None
+) -> Tables:
+    m = memory or StoreMemory()
     return Tables(
-        users=_table(app, "users", partitions, "Intermediate users table, by primary key"),
-        anonymous_ids=_table(app, "anonymous_ids", partitions, "anonymousId -> primary key"),
-        user_ids=_table(app, "user_ids", partitions, "userId -> primary key"),
-        held_events=_table(app, "held_events", partitions, "events waiting for an identity"),
-        rule_state=_table(app, "rule_state", partitions, "rule builder partial matches"),
+        users=_table(app, "users", partitions, "Intermediate users table, by primary key", m),
+        anonymous_ids=_table(
+            app, "anonymous_ids", partitions, "anonymousId -> primary key", m
+        ),
+        user_ids=_table(app, "user_ids", partitions, "userId -> primary key", m),
+        held_events=_table(
+            app, "held_events", partitions, "events waiting for an identity", m
+        ),
+        rule_state=_table(app, "rule_state", partitions, "rule builder partial matches", m),
     )

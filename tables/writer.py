@@ -81,6 +81,27 @@ class TableWriter:
         value: bytes | None = self.store._db_for_partition(partition).get(key)
         return value
 
+    async def count_keys(self, *, pause_every: int = 10_000) -> int:
+        """Keys of this worker's active partitions. With RocksDB read without filling
+        the block cache (a count at 1,000,000 contacts otherwise pulls every block into
+        it, +350 MiB RSS) and handing the event loop back every ``pause_every`` keys."""
+        if not self.direct():
+            return sum(1 for _ in self.table.keys())
+        import rocksdict
+
+        read_opt = rocksdict.ReadOptions()
+        read_opt.fill_cache(False)  # type: ignore[call-arg]  # (the stub omits the flag)
+        store = self.store
+        offset_key = store.offset_key
+        n = 0
+        for db in list(store._dbs_for_actives()):
+            for i, key in enumerate(db.keys(read_opt=read_opt), 1):
+                if key != offset_key:
+                    n += 1
+                if i % pause_every == 0:
+                    await asyncio.sleep(0)
+        return n
+
     async def write(self, changes: Mapping[int, Iterable[Change]]) -> int:
         """Write ``partition -> [(key, value or None)]`` to the store and the changelog
         (``direct()`` must hold). Returns how many keys were written."""

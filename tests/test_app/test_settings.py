@@ -720,3 +720,15 @@ def test_worker_tuning_for_envelopes_gc_and_dedupe() -> None:
     assert "worker.gc_thresholds[1]: must be >= 1 (got 0)" in errors, errors
     assert any(e.startswith("worker.envelope_buffer_maxsize:") for e in errors), errors
     assert any(e.startswith("dedupe.max_ids_per_contact:") for e in errors), errors
+
+
+def test_rocksdb_memory_per_store() -> None:
+    s = Settings.model_validate(merged())
+    w = s.worker
+    assert (w.rocksdb_block_cache_mb, w.rocksdb_write_buffer_mb, w.rocksdb_write_buffers) == (
+        8, 16, 2
+    )
+    errors = errors_of(merged(worker={"rocksdb_block_cache_mb": 0, "rocksdb_write_buffers": 1,
+                                      "rocksdb_write_buffer_mb": "lots"}))
+    for key in ("rocksdb_block_cache_mb", "rocksdb_write_buffers", "rocksdb_write_buffer_mb"):
+        assert any(e.startswith(f"worker.{key}:") for e in errors), (key, errors)

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import orjson
 import pytest
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
@@ -58,13 +59,46 @@ def persisted_offsets(data_dir: Path, table: str) -> dict[int, int]:
     return out
 
 
-@pytest.mark.parametrize("batch_bytes", [1, 16384])
+def rocksdb_options_text(db_dir: Path) -> str:
+    """What RocksDB wrote about the options of the database in ``db_dir``: its newest
+    OPTIONS file (write buffers) and its LOG (the block cache's capacity)."""
+    newest = max(db_dir.glob("OPTIONS-*"), key=lambda p: int(p.name.split("-")[1]))
+    return newest.read_text() + (db_dir / "LOG").read_text(errors="replace")
+
+
+async def users_table_keys_metric(dep: Deployment) -> float:
+    port = dep.workers[0].web_port
+    async with aiohttp.ClientSession() as s, s.get(f"http://127.0.0.1:{port}/metrics") as r:
+        text = await r.text()
+    for line in text.splitlines():
+        if line.startswith("emarsys_stream_users_table_keys "):
+            return float(line.split()[1])
+    raise AssertionError("emarsys_stream_users_table_keys not in /metrics")
+
+
+@pytest.mark.parametrize(
+    ("batch_bytes", "memory", "expected_options"),
+    [
+        (1, {}, ("write_buffer_size=16777216", "max_write_buffer_number=2",
+                 "capacity : 8388608")),
+        (16384, {"worker.rocksdb_write_buffer_mb": 4, "worker.rocksdb_write_buffers": 3,
+                 "worker.rocksdb_block_cache_mb": 2},
+         ("write_buffer_size=4194304", "max_write_buffer_number=3", "capacity : 2097152")),
+    ],
+)
 async def test_table_writes_reach_changelog_and_store_like_faust(
-    deployment_factory: Any, simulator: Any, batch_bytes: int
+    deployment_factory: Any,
+    simulator: Any,
+    batch_bytes: int,
+    memory: dict[str, int],
+    expected_options: tuple[str, ...],
 ) -> None:
     """1 byte: every changelog record in its own batch (what the embedded broker needs);
-    16 KiB: many records per batch (Apache Kafka's default)."""
-    dep = deployment_factory(simulator.url, **{"worker.producer_max_batch_size": batch_bytes})
+    16 KiB: many records per batch (Apache Kafka's default). Also: the stores get the
+    configured RocksDB memory, and /metrics counts the users table's keys."""
+    dep = deployment_factory(
+        simulator.url, **{"worker.producer_max_batch_size": batch_bytes, **memory}
+    )
     w = await dep.start_worker()
     n = 30
     # Anonymous first: held under their anonymousId, released (deleted) by the identify.
@@ -94,7 +128,13 @@ async def test_table_writes_reach_changelog_and_store_like_faust(
     for values in by_key.values():
         assert values[0] is not None and values[-1] is None
 
+    assert await users_table_keys_metric(dep) == n
+
     w.stop()
+    for db_dir in (dep.tmp / "worker0").rglob("users-*.db"):
+        options = rocksdb_options_text(db_dir)
+        for expected in expected_options:
+            assert expected in options, (db_dir, expected)
     # Recovery resumes after the persisted offset: it must be the last record written.
     for table, records in (("users", users), ("held_events", held)):
         newest: dict[int, int] = {}
