@@ -479,8 +479,8 @@ class WorkerSettings(_Section):
     # RocksDB memory of each table store (one per table and partition this worker holds,
     # five tables): the block cache for reads, and up to `rocksdb_write_buffers` write
     # buffers (memtables) of `rocksdb_write_buffer_mb` for writes. Faust's defaults
-    # (2 GiB of cache and 3 x 64 MiB per store) let a worker with 1,000,000 contacts
-    # grow past 1 GiB; see README "Memory".
+    # (2 GiB of cache and 3 x 64 MiB per store) bound nothing in practice; see README
+    # "Memory".
     rocksdb_block_cache_mb: int = Field(default=8, ge=1)
     rocksdb_write_buffer_mb: int = Field(default=16, ge=1)
     rocksdb_write_buffers: int = Field(default=2, ge=2)
