@@ -17,31 +17,13 @@ import orjson
 import pytest
 
 from app.rules import RuleEngine, RuleMatch, parse_rules
-
-T0 = 1_700_000_000_000
-S = 1000
-M = 60 * S
-H = 60 * M
-
-
-def track(event: str, **properties: Any) -> dict[str, Any]:
-    return {"type": "track", "event": event, "properties": properties}
-
-
-def page(name: str, **properties: Any) -> dict[str, Any]:
-    return {"type": "page", "name": name, "properties": properties}
+from tests.test_app.test_rules_engine import T0, H, M, S, identify, page, rule, track
 
 
 def screen(name: str, **properties: Any) -> dict[str, Any]:
     return {"type": "screen", "name": name, "properties": properties}
 
 
-def identify(**traits: Any) -> dict[str, Any]:
-    return {"type": "identify", "traits": traits}
-
-
-def rule(name: str, steps: list[Any], **extra: Any) -> dict[str, Any]:
-    return {"name": name, "emarsys_event_id": 100, "steps": steps, **extra}
 
 
 def engine(*rules: dict[str, Any], cfg: dict[str, Any] | None = None) -> RuleEngine:
