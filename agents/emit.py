@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Iterable, Iterator
+from collections.abc import Awaitable, Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -21,7 +21,6 @@ Record = tuple[str, dict[str, Any], Any]
 
 __all__ = [
     "Record",
-    "chunks",
     "consume_envelopes",
     "delivered",
     "envelope_records",
@@ -96,12 +95,6 @@ async def envelope_records(rt: Runtime, events: Iterable[faust.EventT]) -> list[
     return out
 
 
-def chunks(records: list[Record], size: int) -> Iterator[list[Record]]:
-    """``records`` cut into runs of at most ``size`` (a batch of envelopes can be big)."""
-    for i in range(0, len(records), size):
-        yield records[i : i + size]
-
-
 def handled_offsets(rt: Runtime, agent: str) -> dict[tuple[str, int], int]:
     """(topic, partition) -> last offset ``agent`` has handled on this worker.
 
@@ -124,9 +117,17 @@ async def consume_envelopes(
     w = rt.settings.worker
     handled = handled_offsets(rt, agent)
     async for events in stream.take_events(w.batch_max, w.batch_within):
-        records = await envelope_records(rt, events)
-        for chunk in chunks(records, w.batch_max):
-            await handle(chunk)
+        # Decode envelope by envelope and hand over every full run at once: a batch of
+        # up to `envelope_buffer_maxsize` envelopes holds up to 1,000 records each, and
+        # decoding them all first kept a backlog's worth of events in memory.
+        pending: list[Record] = []
+        for ev in events:
+            pending.extend(await envelope_records(rt, (ev,)))
+            while len(pending) >= w.batch_max:
+                await handle(pending[: w.batch_max])
+                pending = pending[w.batch_max :]
+        if pending:
+            await handle(pending)
         for ev in events:
             tp = (ev.message.topic, ev.message.partition)
             if ev.message.offset > handled.get(tp, -1):
