@@ -112,8 +112,9 @@ async def consume_envelopes(
     rt: Runtime, stream: Any, handle: Callable[[list[Record]], Awaitable[None]], agent: str
 ) -> None:
     """The loop of an agent on an envelope topic: batches of messages, their records
-    handed to ``handle`` in runs of at most ``worker.batch_max`` (inside stream
-    iteration, so table writes keep Faust's changelog path)."""
+    handed to ``handle`` in runs of at most ``worker.batch_max``, inside stream
+    iteration: Faust commits a message's offset only after the loop has moved past it,
+    by when its table writes are in the producer (see :mod:`tables.writer`)."""
     w = rt.settings.worker
     handled = handled_offsets(rt, agent)
     async for events in stream.take_events(w.batch_max, w.batch_within):
