@@ -33,6 +33,8 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 import faust
+from aiokafka import TopicPartition
+from aiokafka.errors import ProducerClosed
 from faust.stores.rocksdb import Store as RocksDBStore
 from faust.types import TP
 
@@ -151,10 +153,29 @@ class TableWriter:
     async def _send(
         producer: Any, batch: Any, topic: str, partition: int
     ) -> tuple[asyncio.Future[Any], int]:
-        """Queue ``batch``; its delivery future and record count."""
+        """Queue ``batch``; its delivery future and record count.
+
+        Not ``producer.send_batch``: that first waits until the partition's previous
+        batch has left for the broker, and aiokafka keeps one request per partition in
+        flight, so every flush waited about a broker round trip per partition written
+        (measured: p99 append -> Emarsys call 16.4 s at 4,144 events/s, the users agent
+        mostly waiting). The batch goes behind the previous ones in the accumulator
+        instead, which sends them in order, as it does for ``producer.send``. Memory stays
+        bounded: every agent waits for the broker to take its output messages
+        (agents.emit.delivered) before it writes the state of the next batch.
+        """
         batch.close()  # closed: sent at once, not after the producer's linger
         count: int = batch.record_count()
-        return await producer.send_batch(batch, topic, partition=partition), count
+        acc: Any = getattr(producer, "_message_accumulator", None)
+        append = getattr(acc, "_append_batch", None)
+        if append is None:  # another aiokafka: the public, waiting path
+            return await producer.send_batch(batch, topic, partition=partition), count
+        if acc._closed:
+            raise ProducerClosed()
+        if acc._exception is not None:
+            raise acc._exception
+        await producer.client._wait_on_metadata(topic)
+        return asyncio.shield(append(batch, TopicPartition(topic, partition)).future), count
 
     def _persisted(self, tp: TP, count: int) -> Any:
         """Callback recording the offset of the last record of a delivered batch of
