@@ -30,6 +30,7 @@ from agents.emit import delivered, handled_offsets, send_emits, send_json
 from app.data_map import resolve_primary_key
 from app.dead_letter import dead_letter_envelope
 from app.events import InvalidEvent, validate_event
+from app.faust_app import tables_recovered
 from app.resolution import Emit, route_ingested
 
 if TYPE_CHECKING:
@@ -216,12 +217,7 @@ class IngestConsumer(ConsumerRebalanceListener):  # type: ignore[misc]
     async def _wait_recovered(self) -> None:
         app = self.rt.app
         while not app.should_stop:
-            recovery = getattr(app.tables, "recovery", None)
-            if (
-                recovery is not None
-                and recovery.completed.is_set()
-                and app.producer.state == "running"
-            ):
+            if tables_recovered(app) and app.producer.state == "running":
                 return
             await asyncio.sleep(0.1)
 

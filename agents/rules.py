@@ -36,6 +36,7 @@ from agents.emit import (
     send_records,
 )
 from app.durations import parse_duration
+from app.faust_app import tables_recovered
 from app.rules import RuleEngine, RuleMatch, parse_rules, trigger_id
 from app.rules.clock import EventClock
 from tables.codec import loads
@@ -126,20 +127,23 @@ def register(rt: Runtime) -> None:
         matches: list[tuple[str, RuleMatch]] = []
         late: list[tuple[str, dict[str, Any]]] = []
         irrelevant = 0
+        # Once per batch: the clock has seen the whole batch above and nothing below
+        # moves it.
+        batch_wm = clock.watermark(caught_up=group["caught_up"])
         for pk, msg in items:
             kind = msg.get("kind")
-            wm = clock.watermark(caught_up=group["caught_up"])
+            if kind == "event" and not engine.relevant(msg["event"]):
+                # Matches no step of any rule: cannot change a match (see
+                # RuleEngine.relevant), so no state read, no write, no deadline change.
+                irrelevant += 1
+                continue
+            wm = batch_wm
             if wm is None:
                 if kind != "event":
                     continue  # a timer before this worker saw any event: nothing due
                 # Only released held events so far (they never move the clock):
                 # judge this one by its own time rather than skip it.
                 wm = int(msg["ts"]) - ruleset.allowed_lateness_ms
-            if kind == "event" and not engine.relevant(msg["event"]):
-                # Matches no step of any rule: cannot change a match (see
-                # RuleEngine.relevant), so no state read, no write, no deadline change.
-                irrelevant += 1
-                continue
             state = view.get(pk)
             if kind == "event":
                 event = msg["event"]
@@ -190,7 +194,7 @@ def register(rt: Runtime) -> None:
             # Rebuild the deadline index after every rebalance once tables are recovered:
             # partitions (and their pending deadlines) may arrive in a later assignment.
             assigned = _assignment(rt)
-            recovered = _recovered(rt)
+            recovered = tables_recovered(rt.app)
             changed = assigned != rebuilt_for or (recovered and not was_recovered)
             was_recovered = recovered
             if assigned and recovered and changed:
@@ -220,7 +224,7 @@ def register(rt: Runtime) -> None:
         ingest_topic = topics.ingest.get_topic_name()
         # The ingest topic is read by the ingest group, the internal hops by Faust's.
         probes = [
-            GroupBacklog(s.ingest_group, [topics.ingest.get_topic_name()],
+            GroupBacklog(s.ingest_group, [ingest_topic],
                          kafka_client_options(s)),
             GroupBacklog(s.kafka.app_id, [topics.identity.get_topic_name(),
                                           topics.contact_events.get_topic_name()],
@@ -300,8 +304,8 @@ def _read_by_me(rt: Runtime) -> dict[Any, int | None]:
         agents = agents_of.get(tp.topic)
         if agents is None:
             continue
-        done = [handled_offsets(rt, a).get((tp.topic, tp.partition)) for a in agents]
-        out[tp] = None if any(d is None for d in done) else min(d for d in done if d is not None)
+        done = [handled_offsets(rt, a).get((tp.topic, tp.partition), -1) for a in agents]
+        out[tp] = None if min(done) < 0 else min(done)
     ingest = rt.state.get("ingest")
     ingest_consumer = getattr(ingest, "consumer", None)
     if ingest is not None and ingest_consumer is not None:
@@ -310,11 +314,6 @@ def _read_by_me(rt: Runtime) -> dict[Any, int | None]:
         except Exception:  # not subscribed yet
             pass
     return out
-
-
-def _recovered(rt: Runtime) -> bool:
-    recovery = getattr(rt.app.tables, "recovery", None)
-    return bool(recovery is not None and recovery.completed.is_set())
 
 
 def _rebuild(table: Any, engine: RuleEngine, clock: EventClock, deadlines: dict[str, int]) -> None:

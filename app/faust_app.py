@@ -147,6 +147,12 @@ def _install_fetch_max_wait_hook() -> None:
     AIOKafkaConsumerThread._emarsys_fetch_wait_hook = True  # type: ignore[attr-defined]
 
 
+def tables_recovered(app: faust.App) -> bool:
+    """Whether Faust has finished restoring this worker's tables from their changelogs."""
+    recovery = getattr(app.tables, "recovery", None)
+    return bool(recovery is not None and recovery.completed.is_set())
+
+
 def set_fetch_max_wait(app: faust.App, wait_ms: int) -> None:
     """Make ``app``'s Kafka consumer wait at most ``wait_ms`` for data per fetch."""
     _install_fetch_max_wait_hook()

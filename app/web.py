@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 from faust.exceptions import SameNode
 
+from app.faust_app import tables_recovered
 from tables.codec import loads
 from tables.writer import table_writer
 
@@ -25,8 +26,7 @@ def health_state(rt: Runtime) -> dict[str, Any]:
         assigned = len(app.consumer.assignment())
     except Exception:
         assigned = 0
-    recovery = getattr(app.tables, "recovery", None)
-    recovered = bool(recovery is not None and recovery.completed.is_set())
+    recovered = tables_recovered(app)
     # The ingest consumer (its own group, agents.ingest) must have joined too.
     ingest = rt.state.get("ingest")
     ingest_joined = ingest is None or bool(getattr(ingest, "joined", False))
