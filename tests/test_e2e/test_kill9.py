@@ -8,6 +8,7 @@ from collections import Counter
 from typing import Any
 
 import orjson
+import pytest
 from aiokafka import AIOKafkaProducer
 
 from tests.fixtures import wait_for
@@ -43,6 +44,7 @@ async def produce_keyed(bootstrap: str, topic: str, events: list[dict[str, Any]]
         await producer.stop()
 
 
+@pytest.mark.timeout(480)
 async def test_kill_9_mid_stream_then_restart_delivers_every_contact(
     deployment_factory: Any, simulator: Any
 ) -> None:
@@ -77,7 +79,22 @@ async def test_kill_9_mid_stream_then_restart_delivers_every_contact(
                 return False
         return True
 
-    await wait_for(all_final, timeout=300 + CONTACTS * 0.2, interval=1.0)
+    try:
+        # Within the test's own timeout, so that a failure says what is missing. Up to
+        # two pause limits of the rules clock (60 s each, app/rules/clock.py) when the
+        # restarted worker's commits stall, plus the work itself.
+        await wait_for(all_final, timeout=330, interval=1.0)
+    except AssertionError as exc:
+        unfired = CONTACTS - len({t.external_id for t in simulator.state.triggers_for(EVENT_ID)})
+        stale = sum(
+            1 for i in range(CONTACTS)
+            if (c := simulator.state.contact_by_key(f"k{i}@example.com", "3")) is None
+            or c.fields.get("1") != final_name(i)
+        )
+        raise AssertionError(
+            f"{exc}: {stale} contact(s) without their last fields, {unfired} without a "
+            f"trigger, {len(upsert_calls(simulator))} upsert calls\n{dep.log_digest()}"
+        ) from None
     triggers = simulator.state.triggers_for(EVENT_ID)
     per_contact = Counter(t.external_id for t in triggers)
     assert len(per_contact) == CONTACTS and set(per_contact.values()) == {1}
