@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 from agents.emit import Record, consume_envelopes, delivered, send_emits
 from app.envelope import partition_for_key
+from app.held import id_of_item_key
 from app.resolution import Emit, IdentityResolver, IdentityState
 from tables.context import PartitionEvent
 from tables.view import TableView
@@ -24,6 +26,23 @@ def _now_ms() -> int:
     return int(time.time() * 1000)
 
 
+class ByHeldItemId(Mapping[str, Any]):
+    """Held-event item keys -> the event carrying their id: an id's held events are
+    stored in the partition of the id (where its index is), not of the item key."""
+
+    def __init__(self, by_id: Mapping[str, Any]) -> None:
+        self.by_id = by_id
+
+    def __getitem__(self, key: str) -> Any:
+        return self.by_id[id_of_item_key(key)]
+
+    def __iter__(self) -> Iterator[str]:  # pragma: no cover - TableView does not iterate
+        raise TypeError("ByHeldItemId does not iterate")
+
+    def __len__(self) -> int:  # pragma: no cover
+        raise TypeError("ByHeldItemId has no length")
+
+
 def batch_resolver(
     rt: Runtime, events_by_key: dict[str, Any]
 ) -> tuple[IdentityState, IdentityResolver]:
@@ -34,6 +53,7 @@ def batch_resolver(
         anonymous_ids=TableView(t.anonymous_ids, events_by_key),
         user_ids=TableView(t.user_ids, events_by_key),
         held=TableView(t.held_events, events_by_key),
+        held_items=TableView(t.held_event_items, ByHeldItemId(events_by_key)),
     )
     resolver = IdentityResolver(
         state,
@@ -42,6 +62,14 @@ def batch_resolver(
         now_ms=_now_ms,
     )
     return state, resolver
+
+
+async def flush_views(state: IdentityState) -> None:
+    """Write the batch's table changes; held events before their index (see app.held)."""
+    held = state.held
+    for view in (state.anonymous_ids, state.user_ids, held.items_by_key, held.index):
+        assert isinstance(view, TableView)
+        await view.flush()
 
 
 def register(rt: Runtime) -> None:
@@ -61,9 +89,7 @@ def register(rt: Runtime) -> None:
             emits.extend(resolver.handle(key, value))
         # Messages first, state after the broker has them (see agents.emit.delivered).
         await delivered(await send_emits(rt, emits))
-        for view in (state.anonymous_ids, state.user_ids, state.held):
-            assert isinstance(view, TableView)
-            await view.flush()
+        await flush_views(state)
         st = resolver.stats
         if st.held:
             m.held.inc(st.held)
@@ -105,8 +131,7 @@ def register_held_sweep(rt: Runtime) -> None:
         for ident in expired_ids:
             emits.extend(resolver.expire(ident))
         await delivered(await send_emits(rt, emits))  # dead letters before the deletions
-        assert isinstance(state.held, TableView)
-        await state.held.flush()
+        await flush_views(state)
         if resolver.stats.expired:
             m.expired.labels("expired").inc(resolver.stats.expired)
             log.warning("dead letters written: %d held event(s) expired",

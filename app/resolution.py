@@ -25,6 +25,8 @@ from typing import Any, Literal
 
 import orjson
 
+from app.held import HeldEvents
+
 __all__ = [
     "Emit",
     "IdentityState",
@@ -134,18 +136,21 @@ def _link(id_type: str, ident: str, pk: str, ts: int) -> dict[str, Any]:
 class IdentityState:
     """What the identity agent keeps: two lookup maps and the held events per id.
 
-    Backed by plain dicts here; the agent passes adapters over Faust tables.
+    Backed by plain dicts here; the agent passes adapters over Faust tables. ``held`` is
+    the index of held events per id and ``held_items`` the events (see :mod:`app.held`);
+    ``self.held`` reads as id -> held messages.
     """
 
     def __init__(
         self,
         anonymous_ids: MutableMapping[str, str],
         user_ids: MutableMapping[str, str],
-        held: MutableMapping[str, list[dict[str, Any]]],
+        held: MutableMapping[str, Any],
+        held_items: MutableMapping[str, Any] | None = None,
     ) -> None:
         self.anonymous_ids = anonymous_ids
         self.user_ids = user_ids
-        self.held = held
+        self.held = HeldEvents(held, {} if held_items is None else held_items)
 
     def lookup(self, id_type: str, ident: str) -> str | None:
         table = self.user_ids if id_type == "user" else self.anonymous_ids
@@ -209,10 +214,7 @@ class IdentityResolver:
         return self._release(ident, pk)
 
     def _release(self, ident: str, pk: str) -> list[Emit]:
-        held = self.state.held.get(ident)
-        if not held:
-            return []
-        del self.state.held[ident]
+        held = self.state.held.take_all(ident)
         out: list[Emit] = []
         for item in sorted(held, key=lambda m: m["ts"]):
             self.stats.released += 1
@@ -283,47 +285,35 @@ class IdentityResolver:
     # -- holding -------------------------------------------------------------------
     def _hold(self, ident: str, msg: dict[str, Any]) -> list[Emit]:
         now = self.now_ms()
-        out: list[Emit] = []
-        held = list(self.state.held.get(ident) or [])
-        keep: list[dict[str, Any]] = []
-        for item in held:
-            if now - int(item.get("held_at", now)) > self.hold_expiry_ms:
-                self.stats.expired += 1
-                out.append(self._dead_letter(ident, item, "identity_unresolved_expired"))
-            else:
-                keep.append(item)
+        out = self._expire(ident, now)
         item = dict(msg)
         item["held_at"] = now
-        keep.append(item)
+        held = self.state.held
+        held.add(ident, item, int(msg["ts"]), now)
         self.stats.held += 1
-        if len(keep) > self.hold_max:
-            keep.sort(key=lambda m: m["ts"])
-            while len(keep) > self.hold_max:
-                dropped = keep.pop(0)
+        entries = held.entries(ident)
+        if len(entries) > self.hold_max:
+            # The oldest in event time go (ties: the first held), as dead letters.
+            by_time = sorted(entries, key=lambda e: e.ts)
+            drop = {e.seq for e in by_time[: len(entries) - self.hold_max]}
+            for dropped in sorted(held.take(ident, drop), key=lambda m: int(m["ts"])):
                 self.stats.overflow += 1
                 out.append(self._dead_letter(ident, dropped, "identity_hold_overflow"))
-        self.state.held[ident] = keep
         return out
 
     def expire(self, ident: str) -> list[Emit]:
         """Dead-letter held events of ``ident`` older than the hold expiry (sweeps)."""
-        held = self.state.held.get(ident)
-        if not held:
-            return []
-        now = self.now_ms()
-        keep, out = [], []
-        for item in held:
-            if now - int(item.get("held_at", now)) > self.hold_expiry_ms:
-                self.stats.expired += 1
-                out.append(self._dead_letter(ident, item, "identity_unresolved_expired"))
-            else:
-                keep.append(item)
-        if not out:
-            return []
-        if keep:
-            self.state.held[ident] = keep
-        else:
-            del self.state.held[ident]
+        return self._expire(ident, self.now_ms())
+
+    def _expire(self, ident: str, now: int) -> list[Emit]:
+        expired = {
+            e.seq for e in self.state.held.entries(ident)
+            if now - e.held_at > self.hold_expiry_ms
+        }
+        out: list[Emit] = []
+        for item in self.state.held.take(ident, expired):
+            self.stats.expired += 1
+            out.append(self._dead_letter(ident, item, "identity_unresolved_expired"))
         return out
 
     @staticmethod

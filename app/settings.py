@@ -477,7 +477,7 @@ class WorkerSettings(_Section):
     # A Kafka request unanswered this long is logged (API, broker, queue depth).
     kafka_stall_warning: Annotated[Duration, Field(gt=0)] = 20.0
     # RocksDB memory of each table store (one per table and partition this worker holds,
-    # five tables): the block cache for reads, and up to `rocksdb_write_buffers` write
+    # six tables): the block cache for reads, and up to `rocksdb_write_buffers` write
     # buffers (memtables) of `rocksdb_write_buffer_mb` for writes. Faust's defaults
     # (2 GiB of cache and 3 x 64 MiB per store) bound nothing in practice; see README
     # "Memory".

@@ -8,7 +8,8 @@ All tables are changelog-backed, use the configured store (RocksDB by default,
 | users            | primary key         | :class:`app.identity.UserRecord` dict   | users      | contact-events   |
 | anonymous_ids    | anonymousId         | primary key (JSON string)               | identity   | identity         |
 | user_ids         | userId              | primary key (JSON string)               | identity   | identity         |
-| held_events      | anonymousId/userId  | list of held normalised events          | identity   | identity         |
+| held_events      | anonymousId/userId  | index of its held events (app.held)     | identity   | identity         |
+| held_event_items | id + NUL + seq      | one held normalised event               | identity   | identity (by id) |
 | rule_state       | primary key         | rule engine state (partials, buffer)    | rules      | contact-events   |
 
 ``contact-events`` is keyed by primary key, ``identity`` by the anonymousId/userId,
@@ -32,6 +33,7 @@ class Tables:
     anonymous_ids: faust.Table
     user_ids: faust.Table
     held_events: faust.Table
+    held_event_items: faust.Table
     rule_state: faust.Table
 
 
@@ -81,7 +83,10 @@ def define_tables(
         ),
         user_ids=_table(app, "user_ids", partitions, "userId -> primary key", m),
         held_events=_table(
-            app, "held_events", partitions, "events waiting for an identity", m
+            app, "held_events", partitions, "index of events waiting for an identity", m
+        ),
+        held_event_items=_table(
+            app, "held_event_items", partitions, "events waiting for an identity", m
         ),
         rule_state=_table(app, "rule_state", partitions, "rule builder partial matches", m),
     )

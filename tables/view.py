@@ -10,7 +10,7 @@ through Faust's own ``table[key] = value`` inside that message's event context.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, MutableMapping
+from collections.abc import Iterator, Mapping, MutableMapping
 from typing import Any
 
 import faust
@@ -25,7 +25,7 @@ _DELETED = object()
 
 
 class TableView(MutableMapping[str, Any]):
-    def __init__(self, table: faust.Table, events_by_key: MutableMapping[str, Any]) -> None:
+    def __init__(self, table: faust.Table, events_by_key: Mapping[str, Any]) -> None:
         self.table = table
         self.events_by_key = events_by_key
         self._cache: dict[str, Any] = {}

@@ -105,6 +105,7 @@ async def test_table_writes_reach_changelog_and_store_like_faust(
     await dep.produce([{"type": "track", "event": "Viewed", "anonymousId": f"anon{i}",
                         "messageId": f"t{i}"} for i in range(n)])
     assert len(await read_changelog(dep, "held_events", expect=n)) == n  # all held
+    assert len(await read_changelog(dep, "held_event_items", expect=n)) == n
     await dep.produce([identify(f"p{i}@example.com", mid=f"i{i}", uid=f"u{i}", aid=f"anon{i}",
                                 firstName=f"F{i}") for i in range(n)])
     await wait_for(lambda: len(simulator.state.contacts) >= n)
@@ -127,6 +128,21 @@ async def test_table_writes_reach_changelog_and_store_like_faust(
     assert set(by_key) == {f"anon{i}".encode() for i in range(n)}
     for values in by_key.values():
         assert values[0] is not None and values[-1] is None
+        first = orjson.loads(values[0])  # the index: one entry, sequence number 0
+        assert first["next"] == 1 and [e[0] for e in first["held"]] == [0]
+    # The events themselves, one key each, in the partition of their id (where the index is).
+    items = await read_changelog(dep, "held_event_items", expect=2 * n)
+    item_values: dict[bytes, list[bytes | None]] = {}
+    for r in items:
+        ident = r.key.rpartition(b"\x00")[0]
+        assert r.key == ident + b"\x000"
+        assert r.partition == partition_for_key(ident, 2)
+        item_values.setdefault(ident, []).append(r.value)
+    assert set(item_values) == set(by_key)
+    for ident, values in item_values.items():
+        assert len(values) == 2 and values[-1] is None
+        assert values[0] is not None
+        assert orjson.loads(values[0])["event"]["anonymousId"] == ident.decode()
 
     assert await users_table_keys_metric(dep) == n
 
@@ -136,7 +152,8 @@ async def test_table_writes_reach_changelog_and_store_like_faust(
         for expected in expected_options:
             assert expected in options, (db_dir, expected)
     # Recovery resumes after the persisted offset: it must be the last record written.
-    for table, records in (("users", users), ("held_events", held)):
+    for table, records in (("users", users), ("held_events", held),
+                           ("held_event_items", items)):
         newest: dict[int, int] = {}
         for r in records:
             newest[r.partition] = max(newest.get(r.partition, -1), r.offset)
