@@ -21,12 +21,12 @@ upgrade.
 from __future__ import annotations
 
 import functools
+import struct
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
 import orjson
-from aiokafka.partitioner import murmur2
 
 __all__ = [
     "ENVELOPE_MAX_BYTES",
@@ -45,6 +45,35 @@ ENVELOPE_MAX_BYTES = 256 * 1024
 ENVELOPE_MAX_RECORDS = 1000
 
 
+_M = 0x5BD1E995
+_MASK = 0xFFFFFFFF
+
+
+def murmur2(data: bytes) -> int:
+    """Kafka's murmur2 (``org.apache.kafka.common.utils.Utils.murmur2``), the same value as
+    ``aiokafka.partitioner.murmur2`` in about half its time: the 4-byte words are read in
+    one ``struct`` call and the 32-bit masks applied once per step instead of per
+    operation. Every new key of an envelope topic pays it once."""
+    length = len(data)
+    h = (0x9747B28C ^ length) & _MASK
+    words = length >> 2
+    for k in struct.unpack_from(f"<{words}I", data):
+        k = (k * _M) & _MASK
+        k ^= k >> 24
+        h = ((h * _M) ^ ((k * _M) & _MASK)) & _MASK
+    extra = length & 3
+    if extra:
+        tail = data[words * 4 :]
+        if extra == 3:
+            h ^= tail[2] << 16
+        if extra >= 2:
+            h ^= tail[1] << 8
+        h = ((h ^ tail[0]) * _M) & _MASK
+    h ^= h >> 13
+    h = (h * _M) & _MASK
+    return h ^ (h >> 15)
+
+
 def partition_for_key(key: bytes, partitions: int) -> int:
     """The partition the producer's default partitioner (murmur2) gives ``key``."""
     return (murmur2(key) & 0x7FFFFFFF) % partitions
@@ -52,7 +81,7 @@ def partition_for_key(key: bytes, partitions: int) -> int:
 
 @functools.lru_cache(maxsize=200_000)
 def _partition_of(key: str, partitions: int) -> int:
-    # aiokafka's murmur2 is pure Python (about 6 us a key); the same keys come back.
+    # murmur2 is pure Python (a few us a key); the same keys come back.
     return partition_for_key(key.encode(), partitions)
 
 
@@ -87,32 +116,44 @@ def pack(
     Order is kept per partition. A record larger than ``max_bytes`` on its own still
     gets an envelope (of one record): the broker, not this function, says no to it.
     """
-    open_items: dict[int, list[bytes]] = {}
-    open_size: dict[int, int] = {}
-    out: list[Envelope] = []
-
-    def close(p: int) -> None:
-        items = open_items.pop(p)
-        del open_size[p]
-        out.append(Envelope(p, _OPEN + b",".join(items) + _CLOSE, len(items)))
-
+    groups: dict[int, list[dict[str, Any]]] = {}
     for key, value in records:
-        item = b'{"key":' + orjson.dumps(key) + b',"value":' + orjson.dumps(value) + b"}"
         p = _partition_of(key, partitions)
-        items = open_items.get(p)
-        if items is not None and (
-            open_size[p] + len(item) + 1 > max_bytes or len(items) >= max_records
-        ):
-            close(p)
-            items = None
+        items = groups.get(p)
         if items is None:
-            open_items[p] = [item]
-            open_size[p] = len(_OPEN) + len(_CLOSE) + len(item)
-        else:
-            items.append(item)
-            open_size[p] += len(item) + 1
-    for p in list(open_items):
-        close(p)
+            groups[p] = items = []
+        items.append({"key": key, "value": value})
+    out: list[Envelope] = []
+    for p, items in groups.items():
+        for start in range(0, len(items), max_records):
+            chunk = items[start : start + max_records]
+            # One orjson call per envelope (the usual case) ...
+            value = orjson.dumps({"records": chunk})
+            if len(value) <= max_bytes:
+                out.append(Envelope(p, value, len(chunk)))
+            else:  # ... record by record only when it has to be cut by size.
+                out.extend(_pack_by_size(p, chunk, max_bytes))
+    return out
+
+
+def _pack_by_size(partition: int, items: list[dict[str, Any]], max_bytes: int) -> list[Envelope]:
+    out: list[Envelope] = []
+    parts: list[bytes] = []
+    size = len(_OPEN) + len(_CLOSE)
+
+    def close() -> None:
+        out.append(Envelope(partition, _OPEN + b",".join(parts) + _CLOSE, len(parts)))
+
+    for item in items:
+        encoded = orjson.dumps(item)
+        if parts and size + len(encoded) + 1 > max_bytes:
+            close()
+            parts = []
+            size = len(_OPEN) + len(_CLOSE)
+        parts.append(encoded)
+        size += len(encoded) + (1 if len(parts) > 1 else 0)
+    if parts:
+        close()
     return out
 
 

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import random
+
 import orjson
 import pytest
 from aiokafka.partitioner import DefaultPartitioner
+from aiokafka.partitioner import murmur2 as aiokafka_murmur2
 
-from app.envelope import Envelope, pack, partition_for_key, unpack
+from app.envelope import Envelope, murmur2, pack, partition_for_key, unpack
 
 
 def _records(envs: list[Envelope]) -> dict[int, list[tuple[str, dict[str, object]]]]:
@@ -24,6 +27,14 @@ def test_partition_is_the_one_kafkas_default_partitioner_gives_the_key() -> None
     for i in range(200):
         key = f"user-{i}@example.com".encode()
         assert partition_for_key(key, 4) == partitioner(key, [0, 1, 2, 3], [0, 1, 2, 3])
+
+
+def test_murmur2_equals_aiokafkas_for_every_length_and_byte() -> None:
+    rnd = random.Random(5)
+    keys = [bytes(rnd.getrandbits(8) for _ in range(n)) for n in range(70) for _ in range(30)]
+    keys += [b"\xff" * n for n in range(12)] + ["ünïcødé-ключ".encode()]
+    for key in keys:
+        assert murmur2(key) == aiokafka_murmur2(key), key
 
 
 def test_pack_groups_by_partition_and_keeps_order_per_partition() -> None:
