@@ -124,11 +124,7 @@ class UserRecord:
                 else {}
             ),
             event_count=_as_int(data.get("event_count"), 0),
-            counts_by_type=(
-                {str(k): _as_int(v, 0) for k, v in counts.items()}
-                if isinstance(counts, Mapping)
-                else {}
-            ),
+            counts_by_type=_int_map(counts),
             created_in_emarsys=bool(data.get("created_in_emarsys", False)),
             version=_as_int(data.get("version"), SCHEMA_VERSION),
             audiences=(
@@ -136,22 +132,22 @@ class UserRecord:
                 if isinstance(audiences, Mapping)
                 else {}
             ),
-            audiences_at=(
-                {str(k): _as_int(v, 0) for k, v in audiences_at.items()}
-                if isinstance(audiences_at, Mapping)
-                else {}
-            ),
-            fields_at=(
-                {str(k): _as_int(v, 0) for k, v in fields_at.items()}
-                if isinstance(fields_at, Mapping)
-                else {}
-            ),
-            seen=(
-                {str(k): _as_int(v, 0) for k, v in seen.items()}
-                if isinstance(seen, Mapping)
-                else {}
-            ),
+            audiences_at=_int_map(audiences_at),
+            fields_at=_int_map(fields_at),
+            seen=_int_map(seen),
         )
+
+
+def _int_map(value: Any) -> dict[str, int]:
+    """A str -> int mapping as stored; entries of other types become 0 (see _as_int)."""
+    if type(value) is dict:
+        # What orjson gives for a stored record: str keys and int values, checked in one
+        # pass instead of converting entry by entry (``seen`` grows with every event).
+        if all(type(k) is str and type(v) is int for k, v in value.items()):
+            return dict(value)
+    elif not isinstance(value, Mapping):
+        return {}
+    return {str(k): _as_int(v, 0) for k, v in value.items()}
 
 
 def _as_int(value: Any, default: int) -> int:
