@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import shutil
+import time
 from typing import Any
 
 import pytest
 
 from tests.fixtures import wait_for
 from tests.test_e2e.test_pipeline import contact, identify, upsert_calls, user_record
+from tests.test_e2e.test_replay import wait_for_metric
 
 
 @pytest.mark.parametrize("local_state", ["wiped", "kept"])
@@ -47,3 +50,30 @@ async def test_restart_recovers_users_table_from_changelog(
                   for c in call.body["contacts"]]
     assert "p7@example.com" not in sent_after  # unchanged: the recovered table knew
     assert sorted(set(sent_after)) == ["new@example.com", "p8@example.com"]
+
+
+async def test_held_events_come_back_from_the_changelog_and_are_released(
+    deployment_factory: Any, simulator: Any
+) -> None:
+    """Events held for an unknown id (``held_events`` index + ``held_event_items``) survive
+    a restart without local state and are released by a later identify."""
+    dep = deployment_factory(simulator.url)
+    w = await dep.start_worker()
+    await dep.produce([{"type": "track", "event": "Viewed", "anonymousId": "anon-h",
+                        "messageId": f"h{i}"} for i in range(3)])
+    await wait_for_metric(w, "emarsys_stream_unidentified_held_total", 3)
+    w.stop()
+    shutil.rmtree(dep.tmp / "worker0", ignore_errors=True)
+    w2 = await dep.start_worker()
+    await dep.produce([identify("held@example.com", mid="i-h", uid="u-h", aid="anon-h")])
+    await wait_for(lambda: contact(simulator, "held@example.com"))
+    await wait_for_metric(w2, "emarsys_stream_unidentified_released_total", 3)
+    # The three held tracks reached the contact's record, once each.
+    deadline = time.monotonic() + 60
+    rec = await user_record(dep, "held@example.com")
+    while time.monotonic() < deadline and not (rec and rec["counts_by_type"].get("track", 0) >= 3):
+        await asyncio.sleep(0.5)
+        rec = await user_record(dep, "held@example.com")
+    assert rec is not None
+    assert rec["anonymous_ids"] == ["anon-h"]
+    assert rec["counts_by_type"] == {"identify": 1, "track": 3}
