@@ -63,6 +63,10 @@ class HeldEvents(Mapping[str, list[dict[str, Any]]]):
             return []
         return [HeldEntry(int(s), int(t), int(h)) for s, t, h in header["held"]]
 
+    def count(self, ident: str) -> int:
+        header = self._header(ident)
+        return 0 if header is None else len(header["held"])
+
     def __getitem__(self, ident: str) -> list[dict[str, Any]]:
         header = self._header(ident)
         if header is None:

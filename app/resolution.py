@@ -291,11 +291,10 @@ class IdentityResolver:
         held = self.state.held
         held.add(ident, item, int(msg["ts"]), now)
         self.stats.held += 1
-        entries = held.entries(ident)
-        if len(entries) > self.hold_max:
+        if held.count(ident) > self.hold_max:
             # The oldest in event time go (ties: the first held), as dead letters.
-            by_time = sorted(entries, key=lambda e: e.ts)
-            drop = {e.seq for e in by_time[: len(entries) - self.hold_max]}
+            by_time = sorted(held.entries(ident), key=lambda e: e.ts)
+            drop = {e.seq for e in by_time[: len(by_time) - self.hold_max]}
             for dropped in sorted(held.take(ident, drop), key=lambda m: int(m["ts"])):
                 self.stats.overflow += 1
                 out.append(self._dead_letter(ident, dropped, "identity_hold_overflow"))

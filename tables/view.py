@@ -30,6 +30,9 @@ class TableView(MutableMapping[str, Any]):
         self.events_by_key = events_by_key
         self._cache: dict[str, Any] = {}
         self._dirty: set[str] = set()
+        # Keys read with a stored value: a deleted key not in here was only set within
+        # the batch, so there is nothing to remove (known without reading it again).
+        self._stored: set[str] = set()
         self._writer = table_writer(table)
         self._direct = self._writer.direct()
 
@@ -46,7 +49,11 @@ class TableView(MutableMapping[str, Any]):
                     raw = self.table.get(kb)
             else:
                 raw = self.table.get(kb)
-            value = _DELETED if raw is None else loads(raw)
+            if raw is None:
+                value = _DELETED
+            else:
+                value = loads(raw)
+                self._stored.add(key)
             self._cache[key] = value
         if value is _DELETED:
             raise KeyError(key)
@@ -80,15 +87,15 @@ class TableView(MutableMapping[str, Any]):
             value = self._cache[key]
             ev = self.events_by_key[key]
             kb = key.encode()
+            if value is _DELETED and key not in self._stored:
+                continue  # set and deleted within the batch: nothing to remove
             with event_context(ev):
                 if value is _DELETED:
-                    if kb in self.table:
-                        del self.table[kb]
+                    del self.table[kb]
                 else:
                     self.table[kb] = dumps(value)
             n += 1
-        self._dirty.clear()
-        self._cache.clear()
+        self._clear()
         return n
 
     async def _flush_direct(self) -> int:
@@ -98,11 +105,15 @@ class TableView(MutableMapping[str, Any]):
             partition = self.events_by_key[key].message.partition
             kb = key.encode()
             if value is _DELETED:
-                if self._writer.get(kb, partition) is None:
+                if key not in self._stored:
                     continue  # set and deleted within the batch: nothing to remove
                 changes.setdefault(partition, []).append((kb, None))
             else:
                 changes.setdefault(partition, []).append((kb, dumps(value)))
+        self._clear()
+        return await self._writer.write(changes)
+
+    def _clear(self) -> None:
         self._dirty.clear()
         self._cache.clear()
-        return await self._writer.write(changes)
+        self._stored.clear()
