@@ -9,6 +9,7 @@ import pytest
 from aiokafka.partitioner import DefaultPartitioner
 from aiokafka.partitioner import murmur2 as aiokafka_murmur2
 
+from app import envelope
 from app.envelope import Envelope, murmur2, pack, partition_for_key, unpack
 
 
@@ -67,6 +68,32 @@ def test_pack_cuts_envelopes_at_the_bounds(max_bytes: int, max_records: int) -> 
 def test_a_record_larger_than_the_bound_still_gets_its_own_envelope() -> None:
     envs = pack([("a", {"text": "x" * 5000}), ("a", {"n": 1})], 1, max_bytes=1000)
     assert [e.records for e in envs] == [1, 1]
+
+
+def test_records_of_one_size_are_chunked_to_the_byte_bound_without_cutting(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # 1,000 records of about 600 bytes are more than 256 KiB: the chunks are sized from
+    # a sample up front, so no envelope has to be encoded whole and then cut.
+    def cut(*args: object) -> list[Envelope]:
+        raise AssertionError("an envelope was encoded whole and then cut by size")
+
+    monkeypatch.setattr(envelope, "_pack_by_size", cut)
+    records = [("one-key", {"text": "x" * 560, "n": i}) for i in range(1000)]
+    envs = pack(records, 4)
+    assert len(envs) == 3
+    assert all(len(env.value) <= envelope.ENVELOPE_MAX_BYTES for env in envs)
+    assert all(len(env.value) > 0.7 * envelope.ENVELOPE_MAX_BYTES for env in envs[:-1])
+    assert [v["n"] for _, v in _records(envs)[envs[0].partition]] == list(range(1000))
+
+
+def test_records_larger_than_the_sample_still_stay_within_the_byte_bound() -> None:
+    small = [("one-key", {"n": i}) for i in range(20)]
+    large = [("one-key", {"text": "x" * 400, "n": 20 + i}) for i in range(80)]
+    envs = pack(small + large, 1, max_bytes=4_000)
+    for env in envs:
+        assert len(env.value) <= 4_000
+    assert [v["n"] for _, v in _records(envs)[0]] == list(range(100))
 
 
 def test_unpack_reads_a_plain_keyed_record_from_before_envelopes() -> None:
