@@ -129,7 +129,11 @@ class ContactUpdater:
         its window), so both cuts take from the front.
         """
         seen = rec.seen
-        expired = [mid for mid, at in seen.items() if now_ms - at >= self.dedupe_window_ms]
+        expired: list[str] = []
+        for mid, at in seen.items():
+            if now_ms - at < self.dedupe_window_ms:
+                break  # the rest is younger: no scan of a long list on every write
+            expired.append(mid)
         for mid in expired:
             del seen[mid]
         batch.seen_expired += len(expired)

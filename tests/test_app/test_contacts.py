@@ -371,6 +371,15 @@ def test_seen_ids_past_the_window_are_pruned_when_the_record_is_written() -> Non
     assert s.seen == {"new": NOW + HOUR_MS}
 
 
+def test_pruning_takes_the_expired_ids_from_the_front_and_keeps_the_younger() -> None:
+    s = make(window_ms=HOUR_MS)
+    s.batch([ev("a", 1_000), ev("b", 1_001)])
+    s.batch([ev("c", 1_002), ev("d", 1_003)], now_ms=NOW + HOUR_MS // 2)
+    b, _ = s.batch([ev("e", 1_004)], now_ms=NOW + HOUR_MS)
+    assert b.seen_expired == 2
+    assert s.seen == {"c": NOW + HOUR_MS // 2, "d": NOW + HOUR_MS // 2, "e": NOW + HOUR_MS}
+
+
 def test_seen_keeps_at_most_max_ids_per_contact_dropping_the_oldest() -> None:
     s = make(max_seen_ids=3)
     b, _ = s.batch([ev(f"m{i}", 1_000 + i) for i in range(5)])
