@@ -36,28 +36,43 @@ class TableView(MutableMapping[str, Any]):
         self._writer = table_writer(table)
         self._direct = self._writer.direct()
 
-    def __getitem__(self, key: str) -> Any:
+    def _load(self, key: str) -> Any:
+        """The batch's value of ``key``, read from the store once; ``_DELETED`` if none."""
         try:
-            value = self._cache[key]
+            return self._cache[key]
         except KeyError:
-            ev = self.events_by_key.get(key)
-            kb = key.encode()
-            if ev is not None and self._direct:
-                raw = self._writer.get(kb, ev.message.partition)
-            elif ev is not None:
-                with event_context(ev):
-                    raw = self.table.get(kb)
-            else:
+            pass
+        ev = self.events_by_key.get(key)
+        kb = key.encode()
+        if ev is not None and self._direct:
+            raw = self._writer.get(kb, ev.message.partition)
+        elif ev is not None:
+            with event_context(ev):
                 raw = self.table.get(kb)
-            if raw is None:
-                value = _DELETED
-            else:
-                value = loads(raw)
-                self._stored.add(key)
-            self._cache[key] = value
+        else:
+            raw = self.table.get(kb)
+        if raw is None:
+            value = _DELETED
+        else:
+            value = loads(raw)
+            self._stored.add(key)
+        self._cache[key] = value
+        return value
+
+    def __getitem__(self, key: str) -> Any:
+        value = self._load(key)
         if value is _DELETED:
             raise KeyError(key)
         return value
+
+    def get(self, key: str, default: Any = None) -> Any:
+        # Not Mapping.get: that goes through __getitem__ and a KeyError for every
+        # key not stored yet (each new contact).
+        value = self._load(key)
+        return default if value is _DELETED else value
+
+    def __contains__(self, key: object) -> bool:
+        return isinstance(key, str) and self._load(key) is not _DELETED
 
     def __setitem__(self, key: str, value: Any) -> None:
         self._cache[key] = value
