@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import mode
@@ -29,16 +30,26 @@ from aiokafka.errors import CommitFailedError, KafkaError
 from agents.emit import delivered, handled_offsets, send_emits, send_json
 from app.data_map import resolve_primary_key
 from app.dead_letter import dead_letter_envelope
+from app.envelope import partition_of
 from app.events import InvalidEvent, validate_event
 from app.faust_app import tables_recovered
 from app.resolution import Emit, route_ingested
+from tables.codec import loads
+from tables.writer import table_writer
 
 if TYPE_CHECKING:
     from aiokafka.structs import ConsumerRecord
 
     from app.faust_app import Runtime
 
-__all__ = ["IdentityLead", "IngestConsumer", "register", "source_of_record"]
+__all__ = [
+    "IdentityLead",
+    "IngestConsumer",
+    "LocalIdentityLookup",
+    "PendingLinks",
+    "register",
+    "source_of_record",
+]
 
 log = logging.getLogger("emarsys_stream.ingest")
 
@@ -100,6 +111,109 @@ class IdentityLead:
         )
 
 
+class PendingLinks:
+    """Links this stage sent to ``identity`` that this worker's identity agent has not
+    applied yet, by (id type, id).
+
+    While an id's link is pending, its table entry may still hold the previous primary
+    key (or none): its events take the identity hop, where they queue behind the link
+    in the id's partition, as they always did.
+    """
+
+    def __init__(self, *, sweep_at: int = 10_000) -> None:
+        self._unsent: set[tuple[str, str]] = set()
+        #: (id type, id) -> (identity topic-partition, offset of the last envelope this
+        #: stage wrote there in the batch that carried the link).
+        self._sent: dict[tuple[str, str], tuple[tuple[str, int], int]] = {}
+        self._sweep_min = self._sweep_at = sweep_at
+
+    def __len__(self) -> int:
+        return len(self._unsent) + len(self._sent)
+
+    def add(self, id_type: str, ident: str) -> None:
+        """A link for ``ident`` is in the batch being routed (not sent yet)."""
+        self._unsent.add((id_type, ident))
+
+    def sent(
+        self,
+        last_offsets: dict[tuple[str, int], int],
+        partition_of_id: Callable[[str], tuple[str, int]],
+        handled: dict[tuple[str, int], int],
+    ) -> None:
+        """The batch is acknowledged: ``last_offsets`` is the last offset it wrote on each
+        identity partition, ``partition_of_id`` the partition of an id."""
+        for key in self._unsent:
+            tp = partition_of_id(key[1])
+            offset = last_offsets.get(tp)
+            if offset is not None:
+                self._sent[key] = (tp, offset)
+        self._unsent.clear()
+        if len(self._sent) > self._sweep_at:  # amortised: ids that never come back
+            self._sent = {
+                k: (tp, off) for k, (tp, off) in self._sent.items()
+                if handled.get(tp, -1) < off
+            }
+            self._sweep_at = max(self._sweep_min, 2 * len(self._sent))
+
+    def pending(self, key: tuple[str, str], handled: dict[tuple[str, int], int]) -> bool:
+        if key in self._unsent:
+            return True
+        entry = self._sent.get(key)
+        if entry is None:
+            return False
+        tp, offset = entry
+        if handled.get(tp, -1) >= offset:
+            del self._sent[key]
+            return False
+        return True
+
+
+class LocalIdentityLookup:
+    """The ``lookup`` of :func:`app.resolution.route_ingested` for one ingest batch.
+
+    Answers only where this worker's identity agent would answer the same: the id's
+    ``identity`` partition is assigned to this worker, its tables are recovered, and no
+    link for the id sent by this stage is still on its way there (:class:`PendingLinks`).
+    Anything else is None: the event takes the identity hop. A link another worker's
+    ingest sent for the id and the agent has not applied yet is a race between two
+    ingest partitions, which have no order between them either way.
+    """
+
+    def __init__(self, rt: Runtime, pending: PendingLinks) -> None:
+        self.pending = pending
+        self.partitions = rt.settings.kafka.partitions
+        self.topic = rt.topics.identity.get_topic_name()
+        self.handled = handled_offsets(rt, "identity")
+        self.assigned: set[int] = set()
+        if tables_recovered(rt.app):
+            try:
+                self.assigned = {
+                    tp.partition for tp in rt.app.consumer.assignment()
+                    if tp.topic == self.topic
+                }
+            except Exception:  # noqa: BLE001 - not started / rebalancing: no lookups
+                self.assigned = set()
+        self.tables = {"user": rt.tables.user_ids, "anonymous": rt.tables.anonymous_ids}
+        self.resolved: dict[str, int] = {}
+
+    def partition_of_id(self, ident: str) -> tuple[str, int]:
+        return self.topic, partition_of(ident, self.partitions)
+
+    def __call__(self, id_type: str, ident: str) -> str | None:
+        p = partition_of(ident, self.partitions)
+        if p not in self.assigned or self.pending.pending((id_type, ident), self.handled):
+            return None
+        table = self.tables[id_type]
+        writer = table_writer(table)
+        kb = ident.encode()
+        raw = writer.get(kb, p) if writer.direct() else table.get(kb)
+        pk = loads(raw)
+        if not isinstance(pk, str):
+            return None
+        self.resolved[id_type] = self.resolved.get(id_type, 0) + 1
+        return pk
+
+
 class IngestConsumer(ConsumerRebalanceListener):  # type: ignore[misc]
     """The ingest loop: poll a batch, route it, send, wait for the broker, commit."""
 
@@ -111,6 +225,8 @@ class IngestConsumer(ConsumerRebalanceListener):  # type: ignore[misc]
         self.pk_paths = s.identity.primary_key.paths
         self.pk_steps = s.identity.primary_key.normalize
         self.links = _LinkCache(100_000)
+        self.resolve_at_ingest = s.identity.resolve_at_ingest
+        self.pending_links = PendingLinks()
         self.consumer: AIOKafkaConsumer | None = None
         # Held while a batch is handled; a revocation waits for it (see on_partitions_revoked).
         self._lock = asyncio.Lock()
@@ -252,6 +368,9 @@ class IngestConsumer(ConsumerRebalanceListener):  # type: ignore[misc]
         emits: list[Emit] = []
         sent: list[Any] = []
         invalid: dict[str, int] = {}
+        lookup = (
+            LocalIdentityLookup(rt, self.pending_links) if self.resolve_at_ingest else None
+        )
         for tp, records in batch.items():
             for record in records:
                 raw = record.value
@@ -270,27 +389,39 @@ class IngestConsumer(ConsumerRebalanceListener):  # type: ignore[misc]
                     continue
                 m.events_in.labels(result.type).inc()
                 pk = resolve_primary_key(result.event, self.pk_paths, self.pk_steps)
-                emits.extend(
-                    route_ingested(
-                        result.event,
-                        result.type,
-                        result.ts_ms,
-                        result.user_id,
-                        result.anonymous_id,
-                        pk,
-                        src,
-                        known_links=self.links,
-                    )
+                routed = route_ingested(
+                    result.event,
+                    result.type,
+                    result.ts_ms,
+                    result.user_id,
+                    result.anonymous_id,
+                    pk,
+                    src,
+                    known_links=self.links,
+                    lookup=lookup,
                 )
+                if lookup is not None:
+                    for e in routed:
+                        if e.target == "identity" and e.value.get("kind") == "link":
+                            self.pending_links.add(e.value["id_type"], e.value["id"])
+                emits.extend(routed)
             if records:
                 self.read_offsets[tp] = records[-1].offset
         sent.extend(await send_emits(rt, emits))
         await delivered(sent)
         identity_topic = rt.topics.identity.get_topic_name()
+        last: dict[tuple[str, int], int] = {}
         for fut in sent:
             meta = fut.result()
             if getattr(meta, "topic", None) == identity_topic:
-                self.lead.wrote((meta.topic, meta.partition), meta.offset)
+                tp = (meta.topic, meta.partition)
+                self.lead.wrote(tp, meta.offset)
+                if meta.offset > last.get(tp, -1):
+                    last[tp] = meta.offset
+        if lookup is not None:
+            self.pending_links.sent(last, lookup.partition_of_id, lookup.handled)
+            for id_type, n in lookup.resolved.items():
+                m.resolved_at_ingest.labels(id_type).inc(n)
         if invalid:
             log.warning(
                 "dead letters written: %d invalid event(s)",

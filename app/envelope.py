@@ -35,6 +35,7 @@ __all__ = [
     "MalformedRecord",
     "pack",
     "partition_for_key",
+    "partition_of",
     "unpack",
 ]
 
@@ -83,6 +84,10 @@ def partition_for_key(key: bytes, partitions: int) -> int:
 def _partition_of(key: str, partitions: int) -> int:
     # murmur2 is pure Python (a few us a key); the same keys come back.
     return partition_for_key(key.encode(), partitions)
+
+
+#: The partition of a ``str`` key (cached :func:`partition_for_key`).
+partition_of = _partition_of
 
 
 @dataclass(slots=True)

@@ -38,6 +38,13 @@ class Metrics:
             "Events held until their identity is known",
             registry=r,
         )
+        self.resolved_at_ingest = Counter(
+            "emarsys_stream_resolved_at_ingest",
+            "Events the ingest stage resolved from this worker's identity tables "
+            "(no identity hop), by the id looked up",
+            ["id_type"],
+            registry=r,
+        )
         self.released = Counter(
             "emarsys_stream_unidentified_released", "Held events released by a link", registry=r
         )

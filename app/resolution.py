@@ -63,12 +63,21 @@ def route_ingested(
     source: dict[str, Any],
     *,
     known_links: MutableMapping[tuple[str, str], str] | None = None,
+    lookup: Callable[[str, str], str | None] | None = None,
 ) -> list[Emit]:
     """Where a valid, normalised event goes next.
 
     ``known_links`` is an optional per-process cache of links this worker already
     emitted; it only saves duplicate link messages (a stale cache costs at most an
     extra, idempotent message, never a wrong result).
+
+    ``lookup(id_type, id)`` (optional) answers what the identity agent would look up,
+    where the caller can tell for sure (see agents.ingest.LocalIdentityLookup): the
+    primary key, or None when it cannot say. An event it resolves goes straight to
+    ``contact-events`` (path ``lookup:user`` / ``lookup:anonymous``), exactly as the
+    identity agent would deliver it, one Kafka hop sooner. Only the identity agent's
+    first look-up is taken here (userId when there is one, else anonymousId); anything
+    else takes the identity hop as before.
     """
     out: list[Emit] = []
     if primary_key is not None:
@@ -119,6 +128,14 @@ def route_ingested(
         out.append(Emit("identity", ident, payload))
         return out
     payload = _event_payload("event", event, ts, source)
+    if lookup is not None:
+        id_type, ident = ("user", user_id) if user_id is not None else ("anonymous", anonymous_id)
+        pk = lookup(id_type, ident) if ident is not None else None
+        if pk is not None:
+            payload["primary_key"] = pk
+            payload["path"] = f"lookup:{id_type}"
+            out.append(Emit("contact_events", pk, payload))
+            return out
     if user_id is not None:
         payload["stage"] = "user"
         out.append(Emit("identity", user_id, payload))

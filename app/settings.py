@@ -299,6 +299,10 @@ class IdentitySettings(_Section):
     max_ids_per_user: int = Field(default=50, ge=1)
     hold_max_per_id: int = Field(default=1000, ge=1)
     hold_expiry: Duration = 7 * 86400.0
+    # The ingest stage resolves an event by userId (else anonymousId) from this worker's
+    # own identity tables where it can tell for sure, sending it straight to
+    # contact-events instead of through the identity topic (see agents.ingest).
+    resolve_at_ingest: bool = True
 
 
 class DedupeSettings(_Section):

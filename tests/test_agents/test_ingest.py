@@ -1,10 +1,11 @@
-"""The ingest stage's pure parts: its lead over the identity agent, record sources."""
+"""The ingest stage's pure parts: its lead over the identity agent, pending links, record
+sources."""
 
 from __future__ import annotations
 
 from types import SimpleNamespace
 
-from agents.ingest import IdentityLead, source_of_record
+from agents.ingest import IdentityLead, PendingLinks, source_of_record
 
 P0, P1 = ("es.identity", 0), ("es.identity", 1)
 
@@ -45,3 +46,29 @@ def test_source_of_a_record_has_no_timestamp_when_the_broker_gave_none() -> None
     }
     rec.timestamp = 1_764_320_400_000
     assert source_of_record(rec)["timestamp"] == 1_764_320_400_000  # type: ignore[arg-type]
+
+
+def _partition_of_id(ident: str) -> tuple[str, int]:
+    return P1 if ident.endswith("1") else P0
+
+
+def test_a_link_is_pending_from_routing_until_the_identity_agent_handled_its_envelope() -> None:
+    pending = PendingLinks()
+    pending.add("user", "u1")
+    assert pending.pending(("user", "u1"), {})  # in the batch being routed
+    assert not pending.pending(("anonymous", "u1"), {})
+    assert not pending.pending(("user", "u0"), {})
+    pending.sent({P0: 7, P1: 12}, _partition_of_id, {})
+    assert pending.pending(("user", "u1"), {P1: 11, P0: 50})
+    assert not pending.pending(("user", "u1"), {P1: 12})
+    assert len(pending) == 0  # answered once handled: forgotten
+
+
+def test_pending_links_are_swept_once_handled_so_ids_that_never_return_are_forgotten() -> None:
+    pending = PendingLinks(sweep_at=3)
+    for ident in ("u00", "u10", "u20", "u01"):  # three on P0, one on P1
+        pending.add("user", ident)
+    pending.sent({P0: 5, P1: 9}, _partition_of_id, {P0: 5})  # over 3: P0's are handled
+    assert len(pending) == 1
+    assert pending.pending(("user", "u01"), {P0: 5})
+    assert not pending.pending(("user", "u00"), {})

@@ -36,9 +36,12 @@ def route(
     ts: int = 1_000,
     pk: str | None = None,
     known_links: dict[tuple[str, str], str] | None = None,
+    lookup: Any = None,
 ) -> list[Emit]:
     uid, aid = ev.get("userId"), ev.get("anonymousId")
-    return route_ingested(ev, ev["type"], ts, uid, aid, pk, dict(SRC), known_links=known_links)
+    return route_ingested(
+        ev, ev["type"], ts, uid, aid, pk, dict(SRC), known_links=known_links, lookup=lookup
+    )
 
 
 def link(id_type: str, ident: str, pk: str, ts: int = 1_000) -> dict[str, Any]:
@@ -187,6 +190,55 @@ def test_route_without_pk_user_stage() -> None:
         "source": SRC,
         "stage": "user",
     }
+
+
+class Lookup:
+    """A ``lookup`` that knows some ids and records what it was asked."""
+
+    def __init__(self, known: dict[tuple[str, str], str]) -> None:
+        self.known = known
+        self.asked: list[tuple[str, str]] = []
+
+    def __call__(self, id_type: str, ident: str) -> str | None:
+        self.asked.append((id_type, ident))
+        return self.known.get((id_type, ident))
+
+
+def test_route_resolved_at_ingest_goes_to_contact_events_as_the_identity_agent_would() -> None:
+    lookup = Lookup({("user", "u1"): PK, ("anonymous", "a9"): PK2})
+    ev = event(userId="u1", anonymousId="a1")
+    out = route(ev, ts=42, lookup=lookup)
+    assert targets(out) == [("contact_events", PK)]
+    assert out[0].value == {
+        "kind": "event", "event": ev, "ts": 42, "source": SRC,
+        "primary_key": PK, "path": "lookup:user",
+    }
+    # The identity agent's delivery of the same event differs only in its path.
+    r, state, _ = make()
+    state.user_ids["u1"] = PK
+    hop = r.handle("u1", route(ev, ts=42)[0].value)
+    assert [(e.target, e.key) for e in hop] == [("contact_events", PK)]
+    assert {**hop[0].value, "path": "lookup:user"} == out[0].value
+    # anonymousId only: looked up by it.
+    page = event("page", anonymousId="a9")
+    out = route(page, lookup=lookup)
+    assert targets(out) == [("contact_events", PK2)]
+    assert out[0].value["path"] == "lookup:anonymous"
+    assert lookup.asked == [("user", "u1"), ("anonymous", "a9")]
+
+
+def test_route_takes_the_identity_hop_when_the_lookup_cannot_tell() -> None:
+    lookup = Lookup({("anonymous", "a1"): PK})
+    # userId not known here: the identity agent decides (userId first, then anonymousId),
+    # even though the anonymousId would resolve.
+    ev = event(userId="u1", anonymousId="a1")
+    assert route(ev, ts=42, lookup=lookup) == route(ev, ts=42)
+    assert lookup.asked == [("user", "u1")]
+    # Events with a primary key and aliases never ask.
+    lookup.asked.clear()
+    route(event(userId="u1", traits={"email": PK}), pk=PK, lookup=lookup)
+    route(event("alias", userId="u1", previousId="a1"), lookup=lookup)
+    assert lookup.asked == []
 
 
 def test_route_without_pk_anonymous_stage() -> None:

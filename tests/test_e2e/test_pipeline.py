@@ -254,7 +254,8 @@ async def test_internal_hops_carry_envelopes_and_read_older_records_and_garbage(
 
     from app.envelope import partition_for_key, unpack
 
-    dep = deployment_factory(simulator.url)
+    # The identity hop itself is what this test reads: no resolving at ingest.
+    dep = deployment_factory(simulator.url, **{"identity.resolve_at_ingest": False})
     await dep.start_worker()
     await dep.produce([
         identify("env@example.com", mid="e1", uid="u-env", firstName="Env"),
@@ -298,3 +299,73 @@ async def test_internal_hops_carry_envelopes_and_read_older_records_and_garbage(
     assert [d["reason"] for d in dead] == ["malformed_internal_message"]
     assert raw_bytes_from_envelope(dead[0]) == b"not json at all"
     assert dead[0]["source"]["topic"] == topic
+
+
+async def test_known_ids_skip_the_identity_hop_and_a_new_link_applies_at_once(
+    deployment_factory: Any, simulator: Any
+) -> None:
+    from aiokafka import AIOKafkaProducer
+
+    from app.envelope import unpack
+
+    dep = deployment_factory(simulator.url)
+    await dep.start_worker()
+
+    def track(mid: str, second: int, **ids: str) -> dict[str, Any]:
+        return {"type": "track", "event": "Viewed", "messageId": mid,
+                "timestamp": f"2026-11-28T09:00:{second:02d}.000Z", **ids}
+
+    async def event_count(pk: str, n: int) -> None:
+        for _ in range(300):
+            rec = await user_record(dep, pk)
+            if rec and rec["event_count"] == n:
+                return
+            await asyncio.sleep(0.2)
+        others = {k: await user_record(dep, k) for k in ("ann@example.com", "bob@example.com")}
+        raise AssertionError(f"{pk}: event_count never reached {n}: {others}\n"
+                             f"{dep.log_digest()}")
+
+    await dep.produce([identify("ann@example.com", mid="i1", uid="u1", aid="a1")])
+    await dep.produce([track("t1", 1, userId="u1")])
+    await event_count("ann@example.com", 2)  # the link is applied by now
+    await dep.produce([track("t2", 2, userId="u1"), track("t3", 3, anonymousId="a1")])
+    await event_count("ann@example.com", 4)
+    # The email changes, and the user's next event follows in the same ingest partition
+    # (only there is "next" defined). The new link is still on its way to the identity
+    # agent, so that event must not be resolved from the table at ingest (that would
+    # give the old contact): it follows the link.
+    producer = AIOKafkaProducer(bootstrap_servers=dep.bootstrap, linger_ms=2)
+    await producer.start()
+    try:
+        sent = [await producer.send(dep.ingest_topic, orjson.dumps(e), partition=0)
+                for e in (identify("bob@example.com", mid="i2", uid="u1"),
+                          track("t4", 4, userId="u1"))]
+        await asyncio.gather(*sent)
+    finally:
+        await producer.stop()
+    await event_count("bob@example.com", 2)
+    await asyncio.sleep(1.0)
+    assert (await user_record(dep, "ann@example.com"))["event_count"] == 4  # type: ignore[index]
+
+    # Everything is on the topics by now (the users agent counted it): read for 3 s.
+    everything = 10**9
+    raw = await dep.read_topic(dep.topic("contact-events"), expect=everything, timeout=3.0,
+                               decode=False)
+    paths = {
+        v["event"]["messageId"]: (k, v["path"])
+        for value in raw for k, v in unpack(None, value)[0] if v.get("kind") == "event"
+    }
+    assert paths["t2"] == ("ann@example.com", "lookup:user")
+    assert paths["t3"] == ("ann@example.com", "lookup:anonymous")
+    assert paths["t4"] == ("bob@example.com", "identity:user")
+    # Neither t2 nor t3 went through the identity topic.
+    ident = await dep.read_topic(dep.topic("identity"), expect=everything, timeout=3.0,
+                                 decode=False)
+    hop = {v["event"]["messageId"] for value in ident for _k, v in unpack(None, value)[0]
+           if v.get("kind") == "event"}
+    assert "t2" not in hop and "t3" not in hop and "t4" in hop
+    port = dep.workers[0].web_port
+    async with aiohttp.ClientSession() as s, s.get(f"http://127.0.0.1:{port}/metrics") as r:
+        metrics = await r.text()
+    assert 'emarsys_stream_resolved_at_ingest_total{id_type="user"} 1.0' in metrics
+    assert 'emarsys_stream_resolved_at_ingest_total{id_type="anonymous"} 1.0' in metrics
