@@ -15,7 +15,7 @@ The mix:
   ``userId`` + ``traits.email`` and links the two; later events carry ``userId`` and
   ``anonymousId``.
 * The other identified people start with an identify; their tracks and pages carry
-  ``userId`` only (never the email), so each of them goes through the identity lookup.
+  ``userId`` only (never the email), so each of them needs the identity lookup.
   Surplus identifies are repeats (same email, sometimes a changed ``optIn``).
 * Every event has a unique ``messageId`` and the ``timestamp`` strictly increases with
   the position in the returned list; each person's events are in their own order, the
