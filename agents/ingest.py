@@ -172,23 +172,26 @@ class LocalIdentityLookup:
     """The ``lookup`` of :func:`app.resolution.route_ingested` for one ingest batch.
 
     Answers only where this worker's identity agent would answer the same: the id's
-    ``identity`` partition is assigned to this worker, its tables are recovered, and no
-    link for the id sent by this stage is still on its way there (:class:`PendingLinks`).
+    ``identity`` partition is assigned to this worker, no rebalance is going on or
+    happened since the batch began, the tables are recovered, and no link for the id
+    sent by this stage is still on its way there (:class:`PendingLinks`).
     Anything else is None: the event takes the identity hop. A link another worker's
     ingest sent for the id and the agent has not applied yet is a race between two
     ingest partitions, which have no order between them either way.
     """
 
     def __init__(self, rt: Runtime, pending: PendingLinks) -> None:
+        self.app = app = rt.app
         self.pending = pending
         self.partitions = rt.settings.kafka.partitions
         self.topic = rt.topics.identity.get_topic_name()
         self.handled = handled_offsets(rt, "identity")
         self.assigned: set[int] = set()
-        if tables_recovered(rt.app):
+        self.rebalances = app.rebalancing_count
+        if self._settled():
             try:
                 self.assigned = {
-                    tp.partition for tp in rt.app.consumer.assignment()
+                    tp.partition for tp in app.consumer.assignment()
                     if tp.topic == self.topic
                 }
             except Exception:  # noqa: BLE001 - not started / rebalancing: no lookups
@@ -196,12 +199,28 @@ class LocalIdentityLookup:
         self.tables = {"user": rt.tables.user_ids, "anonymous": rt.tables.anonymous_ids}
         self.resolved: dict[str, int] = {}
 
+    def _settled(self) -> bool:
+        """No rebalance since this batch began, none going on, and the tables of the
+        last one recovered. Faust's streams wait for the same (its flow control is
+        suspended from a revocation until the recovery that follows is done); its
+        ``recovery.completed`` alone is only set once, after the first recovery."""
+        app = self.app
+        return (
+            app.rebalancing_count == self.rebalances
+            and not app.rebalancing
+            and not app.in_recovery
+            and app.flow_control.is_active()
+            and tables_recovered(app)
+        )
+
     def partition_of_id(self, ident: str) -> tuple[str, int]:
         return self.topic, partition_of(ident, self.partitions)
 
     def __call__(self, id_type: str, ident: str) -> str | None:
         p = partition_of(ident, self.partitions)
-        if p not in self.assigned or self.pending.pending((id_type, ident), self.handled):
+        if p not in self.assigned or not self._settled():
+            return None
+        if self.pending.pending((id_type, ident), self.handled):
             return None
         table = self.tables[id_type]
         writer = table_writer(table)
