@@ -196,7 +196,12 @@ class LocalIdentityLookup:
                 }
             except Exception:  # noqa: BLE001 - not started / rebalancing: no lookups
                 self.assigned = set()
-        self.tables = {"user": rt.tables.user_ids, "anonymous": rt.tables.anonymous_ids}
+        # id type -> (table, its writer when the store can be read directly, else None)
+        self.tables: dict[str, tuple[Any, Any]] = {}
+        for id_type, table in (("user", rt.tables.user_ids),
+                               ("anonymous", rt.tables.anonymous_ids)):
+            writer = table_writer(table)
+            self.tables[id_type] = (table, writer if writer.direct() else None)
         self.resolved: dict[str, int] = {}
 
     def _settled(self) -> bool:
@@ -222,10 +227,9 @@ class LocalIdentityLookup:
             return None
         if self.pending.pending((id_type, ident), self.handled):
             return None
-        table = self.tables[id_type]
-        writer = table_writer(table)
+        table, writer = self.tables[id_type]
         kb = ident.encode()
-        raw = writer.get(kb, p) if writer.direct() else table.get(kb)
+        raw = writer.get(kb, p) if writer is not None else table.get(kb)
         pk = loads(raw)
         if not isinstance(pk, str):
             return None
