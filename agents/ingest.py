@@ -140,8 +140,9 @@ class PendingLinks:
         partition_of_id: Callable[[str], tuple[str, int]],
         handled: dict[tuple[str, int], int],
     ) -> None:
-        """The batch is acknowledged: ``last_offsets`` is the last offset it wrote on each
-        identity partition, ``partition_of_id`` the partition of an id."""
+        """The batch is acknowledged: ``last_offsets`` holds the newest offset written on
+        each identity partition (for the partitions the batch wrote, its own last one),
+        ``partition_of_id`` the partition of an id."""
         for key in self._unsent:
             tp = partition_of_id(key[1])
             offset = last_offsets.get(tp)
@@ -433,16 +434,15 @@ class IngestConsumer(ConsumerRebalanceListener):  # type: ignore[misc]
         sent.extend(await send_emits(rt, emits))
         await delivered(sent)
         identity_topic = rt.topics.identity.get_topic_name()
-        last: dict[tuple[str, int], int] = {}
         for fut in sent:
             meta = fut.result()
             if getattr(meta, "topic", None) == identity_topic:
-                tp = (meta.topic, meta.partition)
-                self.lead.wrote(tp, meta.offset)
-                if meta.offset > last.get(tp, -1):
-                    last[tp] = meta.offset
+                self.lead.wrote((meta.topic, meta.partition), meta.offset)
         if lookup is not None:
-            self.pending_links.sent(last, lookup.partition_of_id, lookup.handled)
+            # Every link of the batch went to a partition this batch wrote, whose newest
+            # offset the lead now holds.
+            self.pending_links.sent(self.lead.written, lookup.partition_of_id,
+                                    lookup.handled)
             for id_type, n in lookup.resolved.items():
                 m.resolved_at_ingest.labels(id_type).inc(n)
         if invalid:

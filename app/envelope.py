@@ -81,13 +81,10 @@ def partition_for_key(key: bytes, partitions: int) -> int:
 
 
 @functools.lru_cache(maxsize=200_000)
-def _partition_of(key: str, partitions: int) -> int:
-    # murmur2 is pure Python (a few us a key); the same keys come back.
+def partition_of(key: str, partitions: int) -> int:
+    """The partition of a ``str`` key (:func:`partition_for_key`, cached: murmur2 is pure
+    Python, a few us a key, and the same keys come back)."""
     return partition_for_key(key.encode(), partitions)
-
-
-#: The partition of a ``str`` key (cached :func:`partition_for_key`).
-partition_of = _partition_of
 
 
 @dataclass(slots=True)
@@ -128,7 +125,7 @@ def pack(
     """
     groups: dict[int, list[dict[str, Any]]] = {}
     for key, value in records:
-        p = _partition_of(key, partitions)
+        p = partition_of(key, partitions)
         items = groups.get(p)
         if items is None:
             groups[p] = items = []
