@@ -278,6 +278,20 @@ def _proc_status(pid: int) -> dict[str, int]:
     return out
 
 
+def _helper_cpu(procs: _Processes) -> dict[str, float | None]:
+    """CPU seconds so far of the broker, the simulator and this benchmark process (the
+    producer, the lag poller): what shares the machine with the worker(s)."""
+    out: dict[str, float | None] = {}
+    if procs.broker is not None and procs.broker.pid is not None:
+        out["broker"] = _cpu_seconds(procs.broker.pid)
+    for proc in procs.procs:
+        if proc.name == "simulator":
+            out["simulator"] = _cpu_seconds(proc.pid)
+    t = os.times()
+    out["bench"] = t.user + t.system
+    return out
+
+
 def _cpu_seconds(pid: int) -> float | None:
     """User + system CPU seconds of a process (from /proc/<pid>/stat)."""
     try:
@@ -1157,6 +1171,7 @@ async def _worker_run(
             await _wait_ready(session, workers)
             await lag.start()  # after ready: nothing of ours touches the group during the join
             ready_at = max(w.ready_at or 0.0 for w in workers)
+            helpers_at_ready = _helper_cpu(procs)
             _log(f"worker(s) ready {ready_at - spawned_at:.2f}s after start; measuring")
             if opts.profile is not None and profile:
                 profiler = _start_profiler(opts.profile, workers[0].proc.pid)
@@ -1178,6 +1193,7 @@ async def _worker_run(
                 with contextlib.suppress(subprocess.TimeoutExpired):
                     profiler.wait(60)
             await lag.stop()
+        helpers_at_end = _helper_cpu(procs)
         run.update(
             await _figures(
                 opts,
@@ -1193,6 +1209,13 @@ async def _worker_run(
                 raw_rate=raw_rate,
             )
         )
+        # What else shared the 2 cores from ready to the end of the measurement.
+        helper_cpu: dict[str, float] = {}
+        for name, at in helpers_at_ready.items():
+            end = helpers_at_end.get(name)
+            if at is not None and end is not None:
+                helper_cpu[name] = round(end - at, 1)
+        run["worker"]["helper_cpu_seconds_after_ready"] = helper_cpu
         if variant.rules:
             run["rules"] = await _rule_figures(
                 opts, session, sim_base, bootstrap, variant, workers, timeline
@@ -1459,6 +1482,11 @@ async def _figures(
                 timeline.get("cpu_at_contacts") or [None] * len(workers), workers, strict=True
             )
         ],
+        # The cyclic GC's share of cpu_seconds_total (start-up included), all workers.
+        "gc_seconds": round(
+            sum(v for k, v in metrics.items() if k.startswith("emarsys_stream_gc_seconds_total{")),
+            2,
+        ),
         "metrics": {
             k: v
             for k, v in metrics.items()
@@ -1659,6 +1687,9 @@ def _comparison(
         "worker_cpu_seconds_after_ready": both(cpu("cpu_seconds_after_ready")),
         "worker_cpu_seconds_ready_to_all_contacts": both(cpu("cpu_seconds_ready_to_all_contacts")),
         "worker_peak_rss_mb": both(lambda r: max(r["worker"]["peak_rss_mb"])),
+        "helper_cpu_seconds_after_ready": both(
+            lambda r: r["worker"].get("helper_cpu_seconds_after_ready")
+        ),
     }
     if kind == "workers":
         out["workers"] = [first.get("workers"), second.get("workers")]
@@ -1901,6 +1932,14 @@ def format_table(result: dict[str, Any]) -> str:
         (
             "  of which ready -> all contacts",
             ", ".join(num(x) for x in w.get("cpu_seconds_ready_to_all_contacts") or []),
+        ),
+        ("  of which cyclic GC (whole run, start-up included)", num(w.get("gc_seconds"))),
+        (
+            "broker / simulator / bench CPU s (after ready)",
+            " / ".join(
+                num((w.get("helper_cpu_seconds_after_ready") or {}).get(k))
+                for k in ("broker", "simulator", "bench")
+            ),
         ),
         ("", ""),
         ("machine: nproc / python", f"{m['nproc']} / {m['implementation']} {m['python']}"),
@@ -2145,6 +2184,18 @@ def _comparison_rows(result: dict[str, Any]) -> list[tuple[str, str]]:
             pair(cpu("cpu_seconds_ready_to_all_contacts")),
         ),
         ("  worker CPU s, ready -> end", pair(cpu("cpu_seconds_after_ready"))),
+        (
+            "  broker / simulator / bench CPU s",
+            text(
+                lambda r: " / ".join(
+                    "?" if v is None else f"{v:,.1f}"
+                    for v in (
+                        (r["worker"].get("helper_cpu_seconds_after_ready") or {}).get(k)
+                        for k in ("broker", "simulator", "bench")
+                    )
+                )
+            ),
+        ),
         ("  worker peak RSS MB", pair(lambda r: max(r["worker"]["peak_rss_mb"]))),
         ("  contacts missing / upsert calls", text(emarsys)),
     ]

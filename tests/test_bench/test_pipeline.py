@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +25,8 @@ from bench.pipeline import (
     BenchError,
     PipelineOptions,
     _comparison,
+    _helper_cpu,
+    _Processes,
     _ratio,
     _secondary_ratios_to_naive,
     _size_stats,
@@ -104,6 +109,8 @@ def _run(label: str, app_id: str, *, rules: bool, eps: int) -> dict[str, Any]:
             "cpu_seconds_total": [30.0],
             "cpu_seconds_after_ready": [14.9],
             "cpu_seconds_ready_to_all_contacts": [12.1],
+            "helper_cpu_seconds_after_ready": {"broker": 6.4, "simulator": 0.8, "bench": 2.5},
+            "gc_seconds": 0.42,
             "metrics": {},
         },
         "pipeline": {
@@ -192,6 +199,35 @@ def test_table_without_rules_has_no_rule_rows() -> None:
     assert "pipeline, events/s (end to end)" in text
     assert "rule matches" not in text
     assert "same input" not in text
+
+
+def test_table_shows_what_else_used_the_cpu() -> None:
+    text = format_table(_result(_run("", APP_ID, rules=False, eps=1500)))
+    row = next(line for line in text.splitlines() if line.startswith("broker / simulator"))
+    assert row.endswith("6.40 / 0.80 / 2.50")
+    gc_row = next(line for line in text.splitlines() if "of which cyclic GC" in line)
+    assert gc_row.endswith("0.42")
+
+
+def test_helper_cpu_counts_the_broker_simulator_and_this_process() -> None:
+    procs = _Processes()
+    procs.spawn(
+        "simulator",
+        [sys.executable, "-c", "import time\nt = time.process_time()\n"
+         "while time.process_time() - t < 0.3: pass\ntime.sleep(30)"],
+        Path(os.devnull),
+    )
+    try:
+        deadline = time.monotonic() + 20
+        cpu = _helper_cpu(procs)
+        while (cpu.get("simulator") or 0.0) < 0.3 and time.monotonic() < deadline:
+            time.sleep(0.05)
+            cpu = _helper_cpu(procs)
+    finally:
+        procs.stop_all()
+    assert "broker" not in cpu  # none started
+    assert (cpu["simulator"] or 0.0) >= 0.3
+    assert cpu["bench"] is not None and cpu["bench"] > 0
 
 
 def test_table_with_rules_shows_matches_triggers_and_state() -> None:
