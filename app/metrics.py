@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import gc
+import time
+from collections.abc import Callable
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-__all__ = ["Metrics"]
+__all__ = ["Metrics", "GcTimer"]
 
 
 class Metrics:
@@ -127,6 +132,13 @@ class Metrics:
             ["endpoint"],
             registry=r,
         )
+        self.gc_seconds = Counter(
+            "emarsys_stream_gc_seconds",
+            "Time in CPython's cyclic garbage collector, by generation collected "
+            "(counted by the worker process; see worker.gc_thresholds)",
+            ["generation"],
+            registry=r,
+        )
         self.kafka_stalled_requests = Counter(
             "emarsys_stream_kafka_stalled_requests",
             "Kafka requests left unanswered longer than worker.kafka_stall_warning, by client",
@@ -136,3 +148,41 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class GcTimer:
+    """Adds the duration of every cyclic-GC pass to ``metrics.gc_seconds``.
+
+    A ``gc.callbacks`` hook is process-wide: the worker command installs one for its
+    runtime and removes it when done, so the collector's cost (which
+    ``worker.gc_thresholds`` trades against memory) is measured, not guessed.
+    """
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._seconds = [metrics.gc_seconds.labels(str(g)) for g in range(3)]
+        self._started = 0.0
+        self._callback: Callable[[str, dict[str, Any]], None] | None = None
+
+    def _on_gc(self, phase: str, info: dict[str, Any]) -> None:
+        if phase == "start":
+            self._started = time.perf_counter()
+        elif self._started:
+            self._seconds[info["generation"]].inc(time.perf_counter() - self._started)
+            self._started = 0.0
+
+    def install(self) -> GcTimer:
+        if self._callback is None:
+            self._callback = self._on_gc
+            gc.callbacks.append(self._callback)
+        return self
+
+    def remove(self) -> None:
+        if self._callback is not None:
+            gc.callbacks.remove(self._callback)
+            self._callback = None
+
+    def __enter__(self) -> GcTimer:
+        return self.install()
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
