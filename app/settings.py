@@ -461,10 +461,12 @@ class WorkerSettings(_Section):
     # agent (see agents.ingest.IngestConsumer._wait_for_identity_agent).
     ingest_max_lead: int = Field(default=1, ge=0)
     # CPython's cyclic GC thresholds for the worker (gc.set_threshold); null keeps
-    # CPython's (700, 10, 10). See app.cli.tune_gc.
+    # CPython's (700, 10, 10). See app.cli.tune_gc. A first threshold of 200,000 lets the
+    # short-lived dicts of a batch (thousands of records) die before a collection looks
+    # at them: 1.36 s -> 0.08 s of GC in the benchmark with rules, same peak RSS.
     gc_thresholds: tuple[
         Annotated[int, Field(ge=1)], Annotated[int, Field(ge=1)], Annotated[int, Field(ge=1)]
-    ] | None = (50_000, 50, 100)
+    ] | None = (200_000, 50, 100)
     producer_linger_ms: int = Field(default=5, ge=0)
     # Bytes per produce record batch. The embedded (Tansu) broker reports a partition's
     # end offset as "base offset of its last batch + 1", which breaks Faust's changelog

@@ -707,7 +707,7 @@ def test_config_error_type() -> None:
 
 def test_worker_tuning_for_envelopes_gc_and_dedupe() -> None:
     s = Settings.model_validate(merged())
-    assert s.worker.gc_thresholds == (50_000, 50, 100)
+    assert s.worker.gc_thresholds == (200_000, 50, 100)
     assert s.worker.envelope_buffer_maxsize == 64
     assert s.dedupe.max_ids_per_contact == 1000
     assert s.ingest_group == f"{s.kafka.app_id}-ingest"
