@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import gc
 import time
-from collections.abc import Callable
+from collections.abc import Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily
 
 __all__ = ["Metrics", "GcTimer"]
 
@@ -132,13 +133,6 @@ class Metrics:
             ["endpoint"],
             registry=r,
         )
-        self.gc_seconds = Counter(
-            "emarsys_stream_gc_seconds",
-            "Time in CPython's cyclic garbage collector, by generation collected "
-            "(counted by the worker process; see worker.gc_thresholds)",
-            ["generation"],
-            registry=r,
-        )
         self.kafka_stalled_requests = Counter(
             "emarsys_stream_kafka_stalled_requests",
             "Kafka requests left unanswered longer than worker.kafka_stall_warning, by client",
@@ -151,35 +145,51 @@ class Metrics:
 
 
 class GcTimer:
-    """Adds the duration of every cyclic-GC pass to ``metrics.gc_seconds``.
+    """``emarsys_stream_gc_seconds_total{generation}``: time in CPython's cyclic GC.
 
     A ``gc.callbacks`` hook is process-wide: the worker command installs one for its
-    runtime and removes it when done, so the collector's cost (which
-    ``worker.gc_thresholds`` trades against memory) is measured, not guessed.
+    runtime (registering the metric) and removes it when done, so the collector's cost,
+    which ``worker.gc_thresholds`` trades against memory, is measured, not guessed. The
+    callback only adds to plain floats (no lock can be held when a collection starts);
+    the metric reads them at scrape time.
     """
 
     def __init__(self, metrics: Metrics) -> None:
-        self._seconds = [metrics.gc_seconds.labels(str(g)) for g in range(3)]
+        self._registry = metrics.registry
+        self.seconds = [0.0, 0.0, 0.0]
         self._started = 0.0
-        self._callback: Callable[[str, dict[str, Any]], None] | None = None
+        self._installed = False
 
     def _on_gc(self, phase: str, info: dict[str, Any]) -> None:
         if phase == "start":
             self._started = time.perf_counter()
         elif self._started:
-            self._seconds[info["generation"]].inc(time.perf_counter() - self._started)
+            self.seconds[info["generation"]] += time.perf_counter() - self._started
             self._started = 0.0
 
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        family = CounterMetricFamily(
+            "emarsys_stream_gc_seconds",
+            "Time in CPython's cyclic garbage collector, by generation collected "
+            "(the worker process; see worker.gc_thresholds)",
+            labels=["generation"],
+        )
+        for generation, seconds in enumerate(self.seconds):
+            family.add_metric([str(generation)], seconds)
+        yield family
+
     def install(self) -> GcTimer:
-        if self._callback is None:
-            self._callback = self._on_gc
-            gc.callbacks.append(self._callback)
+        if not self._installed:
+            gc.callbacks.append(self._on_gc)
+            self._registry.register(self)
+            self._installed = True
         return self
 
     def remove(self) -> None:
-        if self._callback is not None:
-            gc.callbacks.remove(self._callback)
-            self._callback = None
+        if self._installed:
+            gc.callbacks.remove(self._on_gc)
+            self._registry.unregister(self)
+            self._installed = False
 
     def __enter__(self) -> GcTimer:
         return self.install()
