@@ -126,6 +126,7 @@ def register(rt: Runtime) -> None:
         view = TableView(table, by_pk)
         matches: list[tuple[str, RuleMatch]] = []
         late: list[tuple[str, dict[str, Any]]] = []
+        engine_stats: dict[str, int] = {}  # counted once per batch, not per event
         irrelevant = 0
         # Once per batch: the clock has seen the whole batch above and nothing below
         # moves it.
@@ -159,12 +160,15 @@ def register(rt: Runtime) -> None:
             else:
                 continue
             view[pk] = res.state
-            _count(m, res.stats)
+            for name, value in (res.stats or {}).items():
+                if value:
+                    engine_stats[name] = engine_stats.get(name, 0) + value
             matches.extend((pk, mt) for mt in res.matches)
             if res.next_deadline_ms is None:
                 deadlines.pop(pk, None)
             else:
                 deadlines[pk] = res.next_deadline_ms
+        _count(m, engine_stats)
         if irrelevant:
             m.rule_engine.labels("irrelevant").inc(irrelevant)
         # Triggers and late events first; the state recording them as fired only

@@ -8,6 +8,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from tests.fixtures import Deployment, wait_for
+from tests.test_e2e.test_fault_proof import metric_by_label, worker_metrics
 from tests.test_e2e.test_pipeline import identify
 
 EVENT_ID = 4711
@@ -165,6 +166,12 @@ async def test_out_of_order_within_lateness_matches_and_later_goes_to_late_topic
     await dep.produce([track("Product Viewed", "u5", "o-late", t0 - 60_000)])
     late = await dep.read_topic(dep.topic("late-events"), expect=1, timeout=60)
     assert [m["event"]["messageId"] for m in late] == ["o-late"]
+    # The engine's counts reach /metrics (summed per batch by the agent).
+    engine = metric_by_label(
+        await worker_metrics(dep.workers[0]), "emarsys_stream_rule_engine_total", "what"
+    )
+    assert engine.get("late") == 1
+    assert engine.get("matches") == 1
 
 
 async def test_replay_from_the_start_sends_no_new_distinct_triggers(
