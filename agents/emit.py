@@ -9,6 +9,7 @@ import orjson
 
 from app.dead_letter import dead_letter_envelope
 from app.envelope import pack, unpack
+from app.record_batches import direct_producer, send_keyed
 from app.resolution import Emit
 
 if TYPE_CHECKING:
@@ -27,6 +28,7 @@ __all__ = [
     "handled_offsets",
     "send_emits",
     "send_json",
+    "send_keyed_json",
     "send_records",
     "source_of",
 ]
@@ -41,6 +43,25 @@ async def send_json(topic: faust.TopicT, key: str | None, value: object) -> Awai
     return await topic.send(
         key=None if key is None else key.encode(), value=orjson.dumps(value)
     )
+
+
+async def send_keyed_json(
+    rt: Runtime, topic: faust.TopicT, records: Iterable[tuple[str, object]]
+) -> list[Awaitable[Any]]:
+    """Many keyed messages, the same as :func:`send_json` each, for a fraction of the
+    cost: appended to record batches per partition (:mod:`app.record_batches`).
+
+    One result per record batch (sent whole); where batches cannot be queued directly
+    (producer not started, a transaction), one :func:`send_json` per record.
+    """
+    producer = direct_producer(rt.app)
+    if producer is None:
+        return [await send_json(topic, key, value) for key, value in records]
+    return list(await send_keyed(
+        producer,
+        topic.get_topic_name(),
+        [(key.encode(), orjson.dumps(value)) for key, value in records],
+    ))
 
 
 async def send_records(

@@ -33,10 +33,10 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 import faust
-from aiokafka import TopicPartition
-from aiokafka.errors import ProducerClosed
 from faust.stores.rocksdb import Store as RocksDBStore
 from faust.types import TP
+
+from app.record_batches import direct_producer, queue_batch
 
 __all__ = ["TableWriter", "table_writer"]
 
@@ -74,8 +74,7 @@ class TableWriter:
         return (
             isinstance(store, RocksDBStore)
             and bool(store.use_rocksdict)
-            and not self.table.app.in_transaction
-            and getattr(self.table.app.producer, "_producer", None) is not None
+            and direct_producer(self.table.app) is not None
         )
 
     def get(self, key: bytes, partition: int) -> bytes | None:
@@ -110,8 +109,7 @@ class TableWriter:
         import rocksdict
 
         store = self.store
-        producer: Any = self.table.app.producer
-        producer = producer._producer  # the started aiokafka producer (see direct())
+        producer: Any = direct_producer(self.table.app)  # started (see direct())
         if self._topic is None:
             self._topic = self.table.changelog_topic.get_topic_name()
         topic = self._topic
@@ -128,7 +126,7 @@ class TableWriter:
                     wb.put(key, value)
                 if batch.append(key=key, value=value, timestamp=None) is None:
                     # Full: send it now (closed, so it does not linger) and start another.
-                    last = await self._send(producer, batch, topic, partition)
+                    last = await queue_batch(producer, batch, topic, partition)
                     batch = producer.create_batch()
                     in_batch = 0
                     if batch.append(key=key, value=value, timestamp=None) is None:
@@ -143,39 +141,11 @@ class TableWriter:
             # behind a commit, and the commit waits for the producer).
             store._db_for_partition(partition).write(wb)
             if in_batch:
-                last = await self._send(producer, batch, topic, partition)
+                last = await queue_batch(producer, batch, topic, partition)
             if last is not None:
                 fut, count = last
                 fut.add_done_callback(self._persisted(TP(topic, partition), count))
         return n
-
-    @staticmethod
-    async def _send(
-        producer: Any, batch: Any, topic: str, partition: int
-    ) -> tuple[asyncio.Future[Any], int]:
-        """Queue ``batch``; its delivery future and record count.
-
-        Not ``producer.send_batch``: that first waits until the partition's previous
-        batch has left for the broker, and aiokafka keeps one request per partition in
-        flight, so every flush waited about a broker round trip per partition written
-        (measured: p99 append -> Emarsys call 16.4 s at 4,144 events/s, the users agent
-        mostly waiting). The batch goes behind the previous ones in the accumulator
-        instead, which sends them in order, as it does for ``producer.send``. Memory stays
-        bounded: every agent waits for the broker to take its output messages
-        (agents.emit.delivered) before it writes the state of the next batch.
-        """
-        batch.close()  # closed: sent at once, not after the producer's linger
-        count: int = batch.record_count()
-        acc: Any = getattr(producer, "_message_accumulator", None)
-        append = getattr(acc, "_append_batch", None)
-        if append is None:  # another aiokafka: the public, waiting path
-            return await producer.send_batch(batch, topic, partition=partition), count
-        if acc._closed:
-            raise ProducerClosed()
-        if acc._exception is not None:
-            raise acc._exception
-        await producer.client._wait_on_metadata(topic)
-        return asyncio.shield(append(batch, TopicPartition(topic, partition)).future), count
 
     def _persisted(self, tp: TP, count: int) -> Any:
         """Callback recording the offset of the last record of a delivered batch of
