@@ -16,11 +16,12 @@ from tables.view import TableView
 
 if TYPE_CHECKING:
     from app.faust_app import Runtime
+    from app.settings import Settings
 
-__all__ = ["register", "data_map_from_settings"]
+__all__ = ["contact_updater", "data_map_from_settings", "register"]
 
 
-def data_map_from_settings(rt: Runtime) -> DataMap:
+def data_map_from_settings(settings: Settings) -> DataMap:
     return DataMap(
         [
             FieldMapping(
@@ -29,23 +30,28 @@ def data_map_from_settings(rt: Runtime) -> DataMap:
                 transform=m.transform,
                 allow_empty=m.allow_empty,
             )
-            for m in rt.settings.data_map
+            for m in settings.data_map
         ]
     )
 
 
-def register(rt: Runtime) -> None:
-    s = rt.settings
-    t = rt.tables
-    m = rt.metrics
-    updater = ContactUpdater(
-        data_map_from_settings(rt),
+def contact_updater(settings: Settings) -> ContactUpdater:
+    """The users stage's pure part as configured (shared with ``bench.stages``)."""
+    s = settings
+    return ContactUpdater(
+        data_map_from_settings(s),
         key_field_id=s.identity.primary_key.field_id,
         max_ids=s.identity.max_ids_per_user,
         dedupe_window_ms=int(s.dedupe.window * 1000),
         max_seen_ids=s.dedupe.max_ids_per_contact,
         audiences=AudienceMap.from_config(s.audiences),
     )
+
+
+def register(rt: Runtime) -> None:
+    t = rt.tables
+    m = rt.metrics
+    updater = contact_updater(rt.settings)
     # Engage audience signals by outcome (registered here, next to its only user).
     audience_signals = Counter(
         "emarsys_stream_audience_signals",

@@ -1,4 +1,4 @@
-"""``python -m bench pipeline|latency|state [options]``: see bench/README.md."""
+"""``python -m bench pipeline|latency|state|stages [options]``: see bench/README.md."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import yaml
 
-from bench import latency, state
+from bench import latency, stages, state
 from bench.generate import RULE_CATEGORIES, RULE_TEMPLATES
 from bench.pipeline import RESULTS_DIR, BenchError, PipelineOptions, run_pipeline
 
@@ -153,12 +153,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     latency.add_parser(sub, _override)
     state.add_parser(sub, _override)
+    stages.add_parser(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    other = {"latency": latency.main, "state": state.main}.get(args.command)
+    other = {"latency": latency.main, "state": state.main, "stages": stages.main}.get(
+        args.command
+    )
     if other is not None:
         try:
             return other(args)
