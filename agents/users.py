@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 from prometheus_client import Counter
 
-from agents.emit import Record, consume_envelopes, delivered, send_json
+from agents.emit import Record, consume_envelopes, delivered, send_keyed_json
 from app.audiences import AudienceMap
 from app.contacts import ContactUpdater
 from app.data_map import DataMap, FieldMapping
@@ -103,7 +103,7 @@ def register(rt: Runtime) -> None:
                 audience_signals.labels(outcome).inc(n)
         # Operations first; the records saying "queued" and "seen" only once the broker
         # has them (see agents.emit.delivered).
-        await delivered(
-            [await send_json(rt.topics.operations, op["primary_key"], op) for op in ops]
-        )
+        await delivered(await send_keyed_json(
+            rt, rt.topics.operations, [(op["primary_key"], op) for op in ops]
+        ))
         await users_view.flush()
