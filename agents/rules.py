@@ -32,7 +32,7 @@ from agents.emit import (
     consume_envelopes,
     delivered,
     handled_offsets,
-    send_json,
+    send_keyed_json,
     send_records,
 )
 from app.durations import parse_duration
@@ -71,38 +71,31 @@ def register(rt: Runtime) -> None:
     m = rt.metrics
     topics = rt.topics
 
-    async def emit_match(pk: str, match: RuleMatch) -> list[Any]:
+    def match_messages(pk: str, match: RuleMatch) -> tuple[dict[str, Any], dict[str, Any]]:
+        """The ``rule-matches`` record and the ``event_trigger`` operation of a match."""
         tid = trigger_id(match.rule, pk, match.first_message_id)
         m.rule_matches.labels(match.rule).inc()
-        sent = [await send_json(
-            topics.rule_matches,
-            pk,
-            {
-                "rule": match.rule,
-                "primary_key": pk,
-                "emarsys_event_id": match.emarsys_event_id,
-                "trigger_id": tid,
-                "events": [{"message_id": mid, "ts": ts} for mid, ts in match.events],
-                "data": match.data,
-                "event_time_ms": match.event_time_ms,
-                "matched_at_ms": int(time.time() * 1000),
-            },
-        )]
-        sent.append(await send_json(
-            topics.operations,
-            pk,
-            {
-                "op": "event_trigger",
-                "primary_key": pk,
-                "key_id": key_id,
-                "event_id": match.emarsys_event_id,
-                "trigger_id": tid,
-                "event_time": _iso(match.event_time_ms),
-                "data": match.data,
-                "rule": match.rule,
-            },
-        ))
-        return sent
+        found = {
+            "rule": match.rule,
+            "primary_key": pk,
+            "emarsys_event_id": match.emarsys_event_id,
+            "trigger_id": tid,
+            "events": [{"message_id": mid, "ts": ts} for mid, ts in match.events],
+            "data": match.data,
+            "event_time_ms": match.event_time_ms,
+            "matched_at_ms": int(time.time() * 1000),
+        }
+        operation = {
+            "op": "event_trigger",
+            "primary_key": pk,
+            "key_id": key_id,
+            "event_id": match.emarsys_event_id,
+            "trigger_id": tid,
+            "event_time": _iso(match.event_time_ms),
+            "data": match.data,
+            "rule": match.rule,
+        }
+        return found, operation
 
     @rt.app.agent(topics.contact_events, name="rules")
     async def rules(stream):  # type: ignore[no-untyped-def]
@@ -173,12 +166,22 @@ def register(rt: Runtime) -> None:
             m.rule_engine.labels("irrelevant").inc(irrelevant)
         # Triggers and late events first; the state recording them as fired only
         # once the broker has them (see agents.emit.delivered).
-        sent: list[Any] = []
+        found: list[tuple[str, Any]] = []
+        operations: list[tuple[str, Any]] = []
         for pk, match in matches:
-            sent.extend(await emit_match(pk, match))
-        for pk, msg in late:
-            m.late_events.inc()
-            sent.append(await send_json(topics.late_events, pk, msg))
+            record, operation = match_messages(pk, match)
+            found.append((pk, record))
+            operations.append((pk, operation))
+        if late:
+            m.late_events.inc(len(late))
+        sent: list[Any] = []
+        outgoing: tuple[tuple[Any, list[tuple[str, Any]]], ...] = (
+            (topics.rule_matches, found), (topics.operations, operations),
+            (topics.late_events, list(late)),
+        )
+        for topic, batch in outgoing:
+            if batch:
+                sent.extend(await send_keyed_json(rt, topic, batch))
         await delivered(sent)
         await view.flush()
         if matches:
