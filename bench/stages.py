@@ -313,7 +313,7 @@ def report(
                  + ", ".join(f"{x:.2f}" for x in spread))
     lines.append(f"{'what the stages did (last run)':<{width}}"
                  + ", ".join(f"{k} {v:,}" for k, v in sorted(runs[-1].counts.items())))
-    lines.append(f"{'contacts missing / unexpected / wrong fields':<{width}}"
+    lines.append(f"{'contacts missing / unexpected / bad fields':<{width}}"
                  f"{contacts['missing']} / {contacts['unexpected']} / {contacts['wrong_fields']}")
     lines.append(f"{'code':<{width}}{meta['code']}")
     lines.append("=" * (width + 34))

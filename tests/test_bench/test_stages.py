@@ -90,7 +90,7 @@ def test_cli_prints_figures_and_writes_json(tmp_path: Path, capsys: Any) -> None
     out = capsys.readouterr().out
     assert rc == 0, out
     assert "run 2/2" in out and "all stages" in out
-    assert "contacts missing / unexpected / wrong fields" in out
+    assert "contacts missing / unexpected / bad fields" in out
     (path,) = tmp_path.glob("stages-*.json")
     result = json.loads(path.read_text())
     assert result["events"] == 3000 and result["rules"] == 20 and len(result["runs"]) == 2
