@@ -32,7 +32,7 @@ import argparse
 import gc
 import json
 import time
-from collections.abc import Callable, Iterator, MutableMapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,6 +49,7 @@ from app.resolution import Emit, IdentityResolver, IdentityState, route_ingested
 from app.rules import RuleEngine, parse_rules
 from app.settings import Settings, settings_from_mapping
 from bench.generate import GeneratedEvents, build_rules, generate_events, rule_time_unit
+from tables.view import DELETED, CoalescingView
 
 __all__ = [
     "STAGES",
@@ -66,65 +67,26 @@ QUICK_EVENTS, QUICK_CONTACTS = 20_000, 2_000
 DEFAULT_EVENTS, DEFAULT_CONTACTS = 200_000, 50_000
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 _SOURCE = {"topic": "bench.events", "partition": 0, "offset": 0, "timestamp": None}
-_DELETED = object()
 
 
-class _BatchView(MutableMapping[str, Any]):
-    """A table of orjson bytes seen through one batch: each key decoded once, each changed
-    key encoded once at :meth:`flush` (the costs ``tables.view.TableView`` has, minus
-    RocksDB and the changelog)."""
+class _BatchView(CoalescingView):
+    """A table of orjson bytes in a dict, seen through one batch the way the agents see a
+    Faust table (``tables.view``): each key decoded once, each changed key encoded once
+    at :meth:`flush`, minus RocksDB and the changelog."""
 
     def __init__(self, store: dict[str, bytes]) -> None:
+        super().__init__()
         self.store = store
-        self.cache: dict[str, Any] = {}
-        self.dirty: set[str] = set()
 
-    def _load(self, key: str) -> Any:
-        try:
-            return self.cache[key]
-        except KeyError:
-            raw = self.store.get(key)
-            value = _DELETED if raw is None else orjson.loads(raw)
-            self.cache[key] = value
-            return value
-
-    def __getitem__(self, key: str) -> Any:
-        value = self._load(key)
-        if value is _DELETED:
-            raise KeyError(key)
-        return value
-
-    def get(self, key: str, default: Any = None) -> Any:
-        value = self._load(key)
-        return default if value is _DELETED else value
-
-    def __contains__(self, key: object) -> bool:
-        return isinstance(key, str) and self._load(key) is not _DELETED
-
-    def __setitem__(self, key: str, value: Any) -> None:
-        self.cache[key] = value
-        self.dirty.add(key)
-
-    def __delitem__(self, key: str) -> None:
-        self[key]  # KeyError if absent  # noqa: B018
-        self.cache[key] = _DELETED
-        self.dirty.add(key)
-
-    def __iter__(self) -> Iterator[str]:  # pragma: no cover - not used by the stages
-        raise TypeError("no iteration")
-
-    def __len__(self) -> int:  # pragma: no cover
-        raise TypeError("no length")
+    def _read(self, key: str) -> bytes | None:
+        return self.store.get(key)
 
     def flush(self) -> None:
-        for key in self.dirty:
-            value = self.cache[key]
-            if value is _DELETED:
+        for key, value in self.changes():
+            if value is DELETED:
                 self.store.pop(key, None)
             else:
                 self.store[key] = orjson.dumps(value)
-        self.dirty.clear()
-        self.cache.clear()
 
 
 @dataclass
