@@ -9,8 +9,10 @@ import orjson
 
 from app.dead_letter import dead_letter_envelope
 from app.envelope import pack, unpack
+from app.metrics import SharedDecodesCollector
 from app.record_batches import direct_producer, send_keyed
 from app.resolution import Emit
+from app.shared_decode import SharedDecodeReader, SharedDecodes
 
 if TYPE_CHECKING:
     import faust
@@ -30,6 +32,7 @@ __all__ = [
     "send_json",
     "send_keyed_json",
     "send_records",
+    "shared_decodes",
     "source_of",
 ]
 
@@ -94,15 +97,22 @@ async def send_emits(rt: Runtime, emits: Iterable[Emit]) -> list[Awaitable[Any]]
     return sent
 
 
-async def envelope_records(rt: Runtime, events: Iterable[faust.EventT]) -> list[Record]:
+async def envelope_records(
+    rt: Runtime, events: Iterable[faust.EventT], decodes: SharedDecodeReader | None = None
+) -> list[Record]:
     """Every record in ``events`` with the event that carried it, in order.
 
     Anything that is not a record goes to the dead-letter topic (reason
-    ``malformed_internal_message``) and is counted; it is never silently dropped.
+    ``malformed_internal_message``) and is counted; it is never silently dropped. With
+    ``decodes``, a message another agent already decoded is not decoded again (see
+    :mod:`app.shared_decode`).
     """
     out: list[Record] = []
     for ev in events:
-        records, bad = unpack(ev.key, ev.value)
+        if decodes is None:
+            records, bad = unpack(ev.key, ev.value)
+        else:
+            records, bad = decodes.decode(ev.message)
         out.extend((key, value, ev) for key, value in records)
         for item in bad:
             rt.metrics.events_invalid.labels("malformed_internal_message").inc()
@@ -114,6 +124,19 @@ async def envelope_records(rt: Runtime, events: Iterable[faust.EventT]) -> list[
                 ),
             )
     return out
+
+
+def shared_decodes(rt: Runtime, topic: faust.TopicT) -> SharedDecodeReader:
+    """Join the agents reading ``topic`` that share one decode per message; call once
+    per agent, when registering it."""
+    per_topic: dict[str, SharedDecodes] = rt.state.setdefault("shared_decodes", {})
+    name = topic.get_topic_name()
+    decodes = per_topic.get(name)
+    if decodes is None:
+        # A reader at most a few batches behind the others still finds its decodes.
+        decodes = per_topic[name] = SharedDecodes(4 * rt.settings.worker.batch_max)
+        rt.metrics.registry.register(SharedDecodesCollector(name, decodes))
+    return decodes.join()
 
 
 def handled_offsets(rt: Runtime, agent: str) -> dict[tuple[str, int], int]:
@@ -130,12 +153,17 @@ def handled_offsets(rt: Runtime, agent: str) -> dict[tuple[str, int], int]:
 
 
 async def consume_envelopes(
-    rt: Runtime, stream: Any, handle: Callable[[list[Record]], Awaitable[None]], agent: str
+    rt: Runtime,
+    stream: Any,
+    handle: Callable[[list[Record]], Awaitable[None]],
+    agent: str,
+    decodes: SharedDecodeReader | None = None,
 ) -> None:
     """The loop of an agent on an envelope topic: batches of messages, their records
     handed to ``handle`` in runs of at most ``worker.batch_max``, inside stream
     iteration: Faust commits a message's offset only after the loop has moved past it,
-    by when its table writes are in the producer (see :mod:`tables.writer`)."""
+    by when its table writes are in the producer (see :mod:`tables.writer`). Agents
+    reading the same topic pass the same ``decodes`` (:func:`shared_decodes`)."""
     w = rt.settings.worker
     handled = handled_offsets(rt, agent)
     async for events in stream.take_events(w.batch_max, w.batch_within):
@@ -144,7 +172,7 @@ async def consume_envelopes(
         # decoding them all first kept a backlog's worth of events in memory.
         pending: list[Record] = []
         for ev in events:
-            pending.extend(await envelope_records(rt, (ev,)))
+            pending.extend(await envelope_records(rt, (ev,), decodes))
             while len(pending) >= w.batch_max:
                 await handle(pending[: w.batch_max])
                 pending = pending[w.batch_max :]

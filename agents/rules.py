@@ -34,6 +34,7 @@ from agents.emit import (
     handled_offsets,
     send_keyed_json,
     send_records,
+    shared_decodes,
 )
 from app.durations import parse_duration
 from app.faust_app import tables_recovered
@@ -97,9 +98,11 @@ def register(rt: Runtime) -> None:
         }
         return found, operation
 
+    decodes = shared_decodes(rt, topics.contact_events)  # with the users agent
+
     @rt.app.agent(topics.contact_events, name="rules")
     async def rules(stream):  # type: ignore[no-untyped-def]
-        await consume_envelopes(rt, stream, handle, "rules")
+        await consume_envelopes(rt, stream, handle, "rules", decodes)
 
     async def handle(records: list[Record]) -> None:
         by_pk: dict[str, Any] = {}

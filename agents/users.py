@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 from prometheus_client import Counter
 
-from agents.emit import Record, consume_envelopes, delivered, send_keyed_json
+from agents.emit import Record, consume_envelopes, delivered, send_keyed_json, shared_decodes
 from app.audiences import AudienceMap
 from app.contacts import ContactUpdater
 from app.data_map import DataMap, FieldMapping
@@ -61,9 +61,11 @@ def register(rt: Runtime) -> None:
         registry=m.registry,
     )
 
+    decodes = shared_decodes(rt, rt.topics.contact_events)  # with the rules agent
+
     @rt.app.agent(rt.topics.contact_events, name="users")
     async def users(stream):  # type: ignore[no-untyped-def]
-        await consume_envelopes(rt, stream, handle, "users")
+        await consume_envelopes(rt, stream, handle, "users", decodes)
 
     async def handle(records: list[Record]) -> None:
         by_pk: dict[str, Any] = {}

@@ -10,7 +10,9 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily
 
-__all__ = ["Metrics", "GcTimer"]
+from app.shared_decode import SharedDecodes
+
+__all__ = ["Metrics", "GcTimer", "SharedDecodesCollector"]
 
 
 class Metrics:
@@ -142,6 +144,29 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class SharedDecodesCollector:
+    """``emarsys_stream_envelope_decodes_total{topic,outcome}``: messages of an envelope
+    topic decoded by an agent (``decoded``), taken from another agent's decode
+    (``shared``), or dropped from the shared decodes before every reader took them
+    (``dropped``; see :mod:`app.shared_decode`). Read from the counts at scrape time."""
+
+    def __init__(self, topic: str, decodes: SharedDecodes) -> None:
+        self.topic = topic
+        self.decodes = decodes
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        family = CounterMetricFamily(
+            "emarsys_stream_envelope_decodes",
+            "Messages of an envelope topic decoded, shared between the agents reading "
+            "it, or dropped from the shared decodes before every agent took them",
+            labels=["topic", "outcome"],
+        )
+        d = self.decodes
+        for outcome, n in (("decoded", d.decoded), ("shared", d.shared), ("dropped", d.dropped)):
+            family.add_metric([self.topic, outcome], n)
+        yield family
 
 
 class GcTimer:

@@ -15,7 +15,8 @@ and rules) and reports CPU microseconds per input event for each stage, best of
   (look-ups, holding, releasing), the envelopes it forwards;
 - **users**: unpack, :class:`app.contacts.ContactUpdater` (as ``agents.users`` builds it),
   the users records read and written, the operations encoded;
-- **rules** (with ``--rules``): unpack, :class:`app.rules.RuleEngine` with the rules
+- **rules** (with ``--rules``): :class:`app.rules.RuleEngine` over the records the users
+  stage decoded (as in the worker, :mod:`app.shared_decode`) with the rules
   agent's skip of irrelevant events, the rule state read and written.
 
 Tables are dicts of orjson bytes read through a per-batch view that decodes a key once
@@ -204,8 +205,8 @@ def run_stages(raw_events: list[bytes], settings: Settings) -> StageRun:
         run.cpu_s["users"] += t3 - t2
         if engine is None:
             continue
-        # rules -------------------------------------------------------------------
-        items = [rec for env in to_contacts for rec in unpack(None, env)[0]]
+        # rules (the records the users stage decoded: the worker decodes a
+        # contact-events message once for both agents, see app.shared_decode) ------
         wm = None if newest_ts is None else newest_ts - lateness
         view = _BatchView(rule_state)
         for pk, msg in items:

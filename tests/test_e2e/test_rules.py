@@ -236,3 +236,34 @@ async def test_trigger_for_a_contact_emarsys_does_not_know_creates_it_and_retrie
     assert simulator.state.contact_by_key("gone@example.com", "3") is not None
     assert triggers(simulator)[0].data == {"plan": "pro"}
     assert await dep.read_topic(dep.topic("emarsys-dlq"), expect=1, timeout=2) == []
+
+
+async def test_users_and_rules_decode_each_contact_events_message_once(
+    deployment_factory: Any, simulator: Any
+) -> None:
+    dep = rules_deployment(deployment_factory, simulator)
+    w = await dep.start_worker()
+    # Garbage on contact-events, which both agents read: one dead letter, not one each.
+    await dep.produce([b"not json at all"], topic=dep.topic("contact-events"))
+    t0 = int(time.time() * 1000)
+    await dep.produce(cart_events("u7", "shared@example.com", t0, "c7"))
+    await wait_for(lambda: triggers(simulator), timeout=60)
+    assert [t.external_id for t in triggers(simulator)] == ["shared@example.com"]
+    assert simulator.state.contact_by_key("shared@example.com", "3") is not None
+
+    def decodes(text: str) -> dict[str, float]:
+        lines = "\n".join(line for line in text.splitlines() if "contact-events" in line)
+        return metric_by_label(lines, "emarsys_stream_envelope_decodes_total", "outcome")
+
+    # Every message decoded by one agent and taken by the other (timers may still be
+    # on their way to the second one: wait until both have them).
+    deadline = time.monotonic() + 30
+    while True:
+        seen = decodes(await worker_metrics(w))
+        if seen.get("decoded", 0) >= 3 and seen.get("shared") == seen.get("decoded"):
+            break
+        assert time.monotonic() < deadline, seen
+        await asyncio.sleep(0.5)
+    assert seen.get("dropped", 0) == 0
+    dead = await dep.read_topic(dep.dlq_topic, expect=2, timeout=5)
+    assert [d["reason"] for d in dead] == ["malformed_internal_message"]
