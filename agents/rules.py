@@ -40,6 +40,7 @@ from app.durations import parse_duration
 from app.faust_app import tables_recovered
 from app.rules import RuleEngine, RuleMatch, parse_rules, trigger_id
 from app.rules.clock import EventClock
+from app.rules.deadlines import DeadlineIndex
 from tables.codec import loads
 from tables.view import TableView
 
@@ -64,7 +65,7 @@ def register(rt: Runtime) -> None:
     clock = EventClock(
         ruleset.allowed_lateness_ms, idle_timeout(s.rule_engine), wait_for_partitions=True
     )
-    deadlines: dict[str, int] = {}  # primary key -> next deadline (event time, ms)
+    deadlines = DeadlineIndex()  # primary key -> next deadline (event time, ms)
     key_id = str(s.identity.primary_key.field_id)
     table = rt.tables.rule_state
     # Latest answer of the backlog probe; until it answers, silence is not idleness.
@@ -160,10 +161,7 @@ def register(rt: Runtime) -> None:
                 if value:
                     engine_stats[name] = engine_stats.get(name, 0) + value
             matches.extend((pk, mt) for mt in res.matches)
-            if res.next_deadline_ms is None:
-                deadlines.pop(pk, None)
-            else:
-                deadlines[pk] = res.next_deadline_ms
+            deadlines.set(pk, res.next_deadline_ms)
         _count(m, engine_stats)
         if irrelevant:
             m.rule_engine.labels("irrelevant").inc(irrelevant)
@@ -213,9 +211,7 @@ def register(rt: Runtime) -> None:
             wm = clock.watermark(caught_up=group["caught_up"])
             if wm is None:
                 continue
-            due = [pk for pk, d in deadlines.items() if d <= wm]
-            for pk in due:
-                deadlines.pop(pk, None)
+            due = deadlines.pop_due(wm)
             if due:
                 await send_records(
                     topics.contact_events,
@@ -326,7 +322,7 @@ def _read_by_me(rt: Runtime) -> dict[Any, int | None]:
     return out
 
 
-def _rebuild(table: Any, engine: RuleEngine, clock: EventClock, deadlines: dict[str, int]) -> None:
+def _rebuild(table: Any, engine: RuleEngine, clock: EventClock, deadlines: DeadlineIndex) -> None:
     """After a (re)start: pending deadlines and the event clock come back from the table."""
     n = 0
     for key, raw in list(table.items()):
@@ -337,7 +333,7 @@ def _rebuild(table: Any, engine: RuleEngine, clock: EventClock, deadlines: dict[
             clock.restore(last)
         d = engine.next_deadline(state)
         if d is not None:
-            deadlines[pk] = d
+            deadlines.set(pk, d)
             n += 1
     if n:
         log.info("restored %d pending rule deadlines", n)
