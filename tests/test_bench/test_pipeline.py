@@ -25,6 +25,7 @@ from bench.pipeline import (
     BenchError,
     PipelineOptions,
     _comparison,
+    _drained,
     _helper_cpu,
     _Processes,
     _ratio,
@@ -161,7 +162,9 @@ def _run(label: str, app_id: str, *, rules: bool, eps: int) -> dict[str, Any]:
             "state_bytes_per_contact": _size_stats([400, 800, 7021]),
             "engine_stats": {"expired_partials": 400, "late": 4468},
             "late_events": 4468,
+            "contact_events_decodes": {"decoded": 120, "shared": 110, "dropped": 2},
         }
+        run["pipeline"]["drained_how"] = "end"
     return run
 
 
@@ -243,6 +246,23 @@ def test_table_with_rules_shows_matches_triggers_and_state() -> None:
     assert row("rule state: contacts").endswith("3 / 19,363")
     assert row("rule state B/contact").endswith("2,740 / 7,021 / 7,021")
     assert row("rule engine:").endswith("400 / 0 / 0 / 4,468")
+    assert row("contact-events messages").endswith("120 / 110 / 2")
+    assert row("ready -> every agent topic drained").endswith("20.30 s (committed = end)")
+
+
+def test_drained_at_the_end_or_with_rules_at_the_end_some_seconds_earlier() -> None:
+    topics = ["a", "b"]
+    committed = {"a": {0: 10, 1: 5}, "b": {0: 7}}
+    at_end = {"a": {0: 10, 1: 5}, "b": {0: 7}}
+    moved_on = {"a": {0: 12, 1: 5}, "b": {0: 7}}  # timers kept writing to a
+    assert _drained(committed, at_end, {}, topics, 0.0) == "end"
+    assert _drained(committed, at_end, moved_on, topics, 4.0) == "end"
+    assert _drained(committed, moved_on, at_end, topics, 0.0) is None
+    assert _drained(committed, moved_on, at_end, topics, 4.0) == "end 4s earlier"
+    # Not even the older ends reached, or nothing read yet: not drained.
+    assert _drained(committed, moved_on, moved_on, topics, 4.0) is None
+    assert _drained(committed, {}, {}, topics, 4.0) is None
+    assert _drained({"a": {0: 10, 1: 5}}, at_end, at_end, topics, 4.0) is None
 
 
 def test_table_compare_rules_puts_both_runs_side_by_side() -> None:
