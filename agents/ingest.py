@@ -33,7 +33,7 @@ from app.dead_letter import dead_letter_envelope
 from app.envelope import partition_of
 from app.events import InvalidEvent, validate_event
 from app.faust_app import tables_recovered
-from app.resolution import Emit, route_ingested
+from app.resolution import Emit, route_ingested, send_event_as_received
 from tables.codec import loads
 from tables.writer import table_writer
 
@@ -425,6 +425,8 @@ class IngestConsumer(ConsumerRebalanceListener):  # type: ignore[misc]
                     known_links=self.links,
                     lookup=lookup,
                 )
+                if result.as_received:
+                    send_event_as_received(routed, result.event, raw)
                 if lookup is not None:
                     for e in routed:
                         if e.target == "identity" and e.value.get("kind") == "link":

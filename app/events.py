@@ -40,6 +40,10 @@ Normalisation (written back into the parsed object, which is not copied):
   written back as ``event["timestamp"] = "YYYY-MM-DDTHH:MM:SS.mmmZ"`` and returned as
   ``ts_ms`` (epoch milliseconds). Naive datetimes are taken as UTC; ``null`` or ``""`` counts
   as absent.
+
+``ValidEvent.as_received`` says that normalisation changed nothing: the raw bytes then
+decode to the very object validated, and the ingest stage passes them on instead of
+encoding the object again.
 """
 
 from __future__ import annotations
@@ -112,6 +116,8 @@ class ValidEvent:
     anonymous_id: str | None
     user_id: str | None
     ts_ms: int
+    #: Normalisation wrote nothing back: ``raw`` decodes to ``event`` as it is now.
+    as_received: bool = False
 
     def to_payload(self, source: dict[str, Any]) -> dict[str, Any]:
         """The normalised-event value for internal topics: ``{"event", "ts", "source"}``."""
@@ -162,6 +168,8 @@ def _short(value: Any, limit: int = 80) -> str:
 
 
 def _coerce_id_in_place(event: dict[str, Any], key: str) -> str | None:
+    """The id under ``key`` (see :func:`coerce_id`); an integer is written back as ``str``
+    (``event[key] is not`` the value read before tells the caller)."""
     value = event.get(key)
     if type(value) is str:
         return None if not value or value.isspace() else value
@@ -229,8 +237,10 @@ def validate_event(
             f"type must be one of {', '.join(sorted(EVENT_TYPES))}; got {_short(ev_type)}",
         )
 
+    ids_before = (event.get("anonymousId"), event.get("userId"))
     anonymous_id = _coerce_id_in_place(event, "anonymousId")
     user_id = _coerce_id_in_place(event, "userId")
+    as_received = event.get("anonymousId") is ids_before[0] and event.get("userId") is ids_before[1]
     if anonymous_id is None and user_id is None:
         return InvalidEvent(
             MISSING_IDENTITY, "neither anonymousId nor userId is a non-empty string"
@@ -241,11 +251,15 @@ def validate_event(
         if type(name) is not str or not name or name.isspace():
             return InvalidEvent(TRACK_MISSING_EVENT, "track without a non-empty event name")
     elif ev_type == "group":
+        before = event.get("groupId")
         if _coerce_id_in_place(event, "groupId") is None:
             return InvalidEvent(GROUP_MISSING_GROUP_ID, "group without groupId")
+        as_received = as_received and event["groupId"] is before
     elif ev_type == "alias":
+        before = event.get("previousId")
         if _coerce_id_in_place(event, "previousId") is None:
             return InvalidEvent(ALIAS_MISSING_PREVIOUS_ID, "alias without previousId")
+        as_received = as_received and event["previousId"] is before
 
     message_id = event.get("messageId")
     if type(message_id) is str and message_id and not message_id.isspace():
@@ -257,6 +271,7 @@ def validate_event(
     elif message_id is None or type(message_id) is str:
         message_id = "synthetic-" + hashlib.sha1(raw, usedforsecurity=False).hexdigest()
         event["messageId"] = message_id
+        as_received = False
     elif isinstance(message_id, int) and not isinstance(message_id, bool):
         message_id = str(message_id)
         if len(message_id) > MAX_MESSAGE_ID_LENGTH:
@@ -265,6 +280,7 @@ def validate_event(
                 f"messageId is {len(message_id)} characters (max {MAX_MESSAGE_ID_LENGTH})",
             )
         event["messageId"] = message_id
+        as_received = False
     else:
         return InvalidEvent(
             INVALID_MESSAGE_ID, f"messageId must be a string, got {type(message_id).__name__}"
@@ -274,8 +290,11 @@ def validate_event(
     if isinstance(ts, InvalidEvent):
         return ts
     try:
-        event["timestamp"] = format_ts_ms(ts)
+        timestamp = format_ts_ms(ts)
     except OverflowError:
         return InvalidEvent(INVALID_TIMESTAMP, f"event time {ts} ms is out of range")
+    if event.get("timestamp") != timestamp:
+        event["timestamp"] = timestamp
+        as_received = False
 
-    return ValidEvent(event, ev_type, message_id, anonymous_id, user_id, ts)
+    return ValidEvent(event, ev_type, message_id, anonymous_id, user_id, ts, as_received)

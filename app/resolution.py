@@ -32,6 +32,7 @@ __all__ = [
     "IdentityState",
     "Target",
     "route_ingested",
+    "send_event_as_received",
     "IdentityResolver",
     "HOLD_KIND",
 ]
@@ -144,6 +145,19 @@ def route_ingested(
         payload["stage"] = "anonymous"
         out.append(Emit("identity", anonymous_id, payload))
     return out
+
+
+def send_event_as_received(emits: list[Emit], event: dict[str, Any], raw: bytes) -> None:
+    """Make the records of ``emits`` that carry ``event`` carry ``raw`` instead, as an
+    ``orjson.Fragment``: encoded as it is, not again. Only for an event that validation
+    left as received (``ValidEvent.as_received``), whose ``raw`` decodes to ``event``, so
+    every reader of the record gets the same object either way."""
+    fragment: Any = None
+    for e in emits:
+        if e.value.get("event") is event:
+            if fragment is None:
+                fragment = orjson.Fragment(raw)
+            e.value["event"] = fragment
 
 
 def _link(id_type: str, ident: str, pk: str, ts: int) -> dict[str, Any]:

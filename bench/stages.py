@@ -9,7 +9,8 @@ and rules) and reports CPU microseconds per input event for each stage, best of
 
 - **ingest**: :func:`app.events.validate_event`, :func:`app.data_map.resolve_primary_key`,
   :func:`app.resolution.route_ingested` (with resolution at ingest against the identity
-  tables as the previous batches left them, as on one worker) and
+  tables as the previous batches left them, as on one worker), an event left as received
+  passed on as its raw bytes (:func:`app.resolution.send_event_as_received`) and
   :func:`app.envelope.pack` of the ``identity`` and ``contact-events`` envelopes;
 - **identity**: :func:`app.envelope.unpack`, :class:`app.resolution.IdentityResolver`
   (look-ups, holding, releasing), the envelopes it forwards;
@@ -46,7 +47,13 @@ from app.data_map import resolve_primary_key
 from app.envelope import pack, unpack
 from app.events import InvalidEvent, validate_event
 from app.identity import UserRecord
-from app.resolution import Emit, IdentityResolver, IdentityState, route_ingested
+from app.resolution import (
+    Emit,
+    IdentityResolver,
+    IdentityState,
+    route_ingested,
+    send_event_as_received,
+)
 from app.rules import RuleEngine, parse_rules
 from app.settings import Settings, settings_from_mapping
 from bench.generate import GeneratedEvents, build_rules, generate_events, rule_time_unit
@@ -152,10 +159,13 @@ def run_stages(raw_events: list[bytes], settings: Settings) -> StageRun:
                 run.count("invalid")
                 continue
             pk = resolve_primary_key(ev.event, pk_paths, pk_steps)
-            emits.extend(route_ingested(
+            routed = route_ingested(
                 ev.event, ev.type, ev.ts_ms, ev.user_id, ev.anonymous_id, pk, dict(_SOURCE),
                 known_links=links, lookup=lookup,
-            ))
+            )
+            if ev.as_received:
+                send_event_as_received(routed, ev.event, raw)
+            emits.extend(routed)
         to_identity = envelopes(emits, "identity")
         to_contacts = envelopes(emits, "contact_events")
         t1 = clock()

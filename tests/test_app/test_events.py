@@ -107,6 +107,35 @@ def test_integer_ids_are_converted_and_written_back() -> None:
     assert ev.event["previousId"] == "9"
 
 
+def test_as_received_when_normalisation_changes_nothing() -> None:
+    raw = orjson.dumps(make())
+    ev = ok(raw)
+    assert ev.as_received
+    assert orjson.loads(raw) == ev.event
+    for ev_type, extra in (("group", {"groupId": "g1"}), ("alias", {"previousId": "p1"})):
+        assert ok(make(type=ev_type, **extra)).as_received
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"userId": 42},  # written back as "42"
+        {"anonymousId": 7, "userId": _DROP},
+        {"messageId": _DROP},  # a synthetic one is written
+        {"messageId": 123},
+        {"timestamp": "2024-05-01T12:00:00.123+00:00"},  # same instant, other spelling
+        {"timestamp": _DROP, "receivedAt": "2024-05-01T12:00:00.123Z"},
+        {"type": "group", "groupId": 5},
+        {"type": "alias", "previousId": 9},
+    ],
+)
+def test_not_as_received_when_normalisation_wrote_something(fields: dict[str, Any]) -> None:
+    raw = orjson.dumps(make(**fields))
+    ev = ok(raw)
+    assert not ev.as_received
+    assert orjson.loads(raw) != ev.event
+
+
 def test_ids_not_stripped() -> None:
     ev = ok(make(userId=" u1 "))
     assert ev.user_id == " u1 "

@@ -10,8 +10,15 @@ import orjson
 import pytest
 
 from app.data_map import resolve_primary_key
+from app.envelope import pack, unpack
 from app.events import ValidEvent, validate_event
-from app.resolution import Emit, IdentityResolver, IdentityState, route_ingested
+from app.resolution import (
+    Emit,
+    IdentityResolver,
+    IdentityState,
+    route_ingested,
+    send_event_as_received,
+)
 
 PK = "ann@example.com"
 PK2 = "bob@example.com"
@@ -145,6 +152,33 @@ def test_route_with_primary_key_goes_to_contact_events_and_links_both_ids() -> N
         "primary_key": PK,
         "path": "direct",
     }
+
+
+def test_an_event_as_received_is_sent_as_its_raw_bytes_with_the_same_records() -> None:
+    event = {"type": "identify", "userId": "u1", "anonymousId": "a1", "messageId": "m1",
+             "timestamp": "2024-05-01T12:00:00.000Z", "traits": {"email": "x@e.com"}}
+    raw = b'{ "type":"identify", "userId":"u1","anonymousId":"a1","messageId":"m1",' \
+          b'"timestamp":"2024-05-01T12:00:00.000Z","traits":{"email":"x@e.com"} }'
+    ev = validate_event(raw)
+    assert isinstance(ev, ValidEvent) and ev.as_received and ev.event == event
+    plain = route_ingested(ev.event, "identify", 1, "u1", "a1", "x@e.com", {})
+    routed = route_ingested(ev.event, "identify", 1, "u1", "a1", "x@e.com", {})
+    send_event_as_received(routed, ev.event, raw)
+    # Only the event record carries the raw bytes; the links are untouched.
+    assert [type(e.value.get("event")).__name__ for e in routed] == [
+        "NoneType", "NoneType", "Fragment"]
+    as_sent = [env.value for env in pack([(e.key, e.value) for e in routed], 2)]
+    assert raw in b"".join(as_sent)  # passed on byte for byte
+    def records(envelopes: list[bytes]) -> list[bytes]:
+        return sorted(
+            orjson.dumps(record, option=orjson.OPT_SORT_KEYS)
+            for value in envelopes
+            for record in unpack(None, value)[0]
+        )
+
+    assert records(as_sent) == records(
+        [env.value for env in pack([(e.key, e.value) for e in plain], 2)]
+    )
 
 
 def test_route_with_primary_key_links_only_present_ids() -> None:
