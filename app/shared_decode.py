@@ -61,7 +61,7 @@ class SharedDecodes:
         self.max_records = max_records
         self.readers = 0
         self._decode = decode
-        # By id(message): Faust's Message compares by value, and is unhashable anyway.
+        # By id(message): Faust hands every reader the same Message object.
         self._entries: OrderedDict[int, _Entry] = OrderedDict()
         self._held = 0
         # reader -> partition -> offset of the last message it decoded or took.
