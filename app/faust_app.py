@@ -14,7 +14,8 @@ from typing import TYPE_CHECKING, Any
 import faust
 
 from app.metrics import Metrics
-from tables.definitions import StoreMemory, Tables, define_tables
+from tables.definitions import Tables, define_tables
+from tables.store_options import StoreOptions
 
 if TYPE_CHECKING:
     from app.settings import Settings
@@ -180,10 +181,11 @@ def build_runtime(settings: Settings, *, agents: bool = True) -> Runtime:
         settings=settings,
         app=app,
         topics=topics,
-        tables=define_tables(app, n, StoreMemory(
+        tables=define_tables(app, n, StoreOptions(
             block_cache_mb=settings.worker.rocksdb_block_cache_mb,
             write_buffer_mb=settings.worker.rocksdb_write_buffer_mb,
             write_buffers=settings.worker.rocksdb_write_buffers,
+            write_ahead_log=settings.worker.rocksdb_wal,
         )),
         metrics=Metrics(),
     )

@@ -490,6 +490,10 @@ class WorkerSettings(_Section):
     rocksdb_block_cache_mb: int = Field(default=8, ge=1)
     rocksdb_write_buffer_mb: int = Field(default=16, ge=1)
     rocksdb_write_buffers: int = Field(default=2, ge=2)
+    # RocksDB's write-ahead log in each table store. Off, as in Kafka Streams: a table's
+    # durable copy is its changelog, from which Faust catches a store up on start (see
+    # tables.store_options). On only to keep unflushed writes across a SIGKILL locally.
+    rocksdb_wal: bool = False
 
 
 _NULL_MEANS_DEFAULT = (

@@ -24,7 +24,9 @@ from dataclasses import dataclass
 
 import faust
 
-__all__ = ["StoreMemory", "Tables", "define_tables"]
+from tables.store_options import StoreOptions
+
+__all__ = ["Tables", "define_tables"]
 
 
 @dataclass(frozen=True)
@@ -37,26 +39,8 @@ class Tables:
     rule_state: faust.Table
 
 
-@dataclass(frozen=True)
-class StoreMemory:
-    """RocksDB memory of one table store (one per table and partition)."""
-
-    block_cache_mb: int = 8
-    write_buffer_mb: int = 16
-    write_buffers: int = 2
-
-    def rocksdb_options(self) -> dict[str, int]:
-        """Faust's ``RocksDBOptions`` keywords (a table's ``options=``)."""
-        mib = 1024 * 1024
-        return {
-            "block_cache_size": self.block_cache_mb * mib,
-            "write_buffer_size": self.write_buffer_mb * mib,
-            "max_write_buffer_number": self.write_buffers,
-        }
-
-
 def _table(
-    app: faust.App, name: str, partitions: int, help_: str, memory: StoreMemory
+    app: faust.App, name: str, partitions: int, help_: str, memory: StoreOptions
 ) -> faust.Table:
     return app.Table(  # type: ignore[return-value]
         name,
@@ -73,9 +57,9 @@ def _table(
 
 
 def define_tables(
-    app: faust.App, partitions: int, memory: StoreMemory | None = None
+    app: faust.App, partitions: int, memory: StoreOptions | None = None
 ) -> Tables:
-    m = memory or StoreMemory()
+    m = memory or StoreOptions()
     return Tables(
         users=_table(app, "users", partitions, "Intermediate users table, by primary key", m),
         anonymous_ids=_table(

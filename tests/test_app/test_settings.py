@@ -732,3 +732,11 @@ def test_rocksdb_memory_per_store() -> None:
                                       "rocksdb_write_buffer_mb": "lots"}))
     for key in ("rocksdb_block_cache_mb", "rocksdb_write_buffers", "rocksdb_write_buffer_mb"):
         assert any(e.startswith(f"worker.{key}:") for e in errors), (key, errors)
+
+
+def test_rocksdb_write_ahead_log_is_off_unless_asked_for() -> None:
+    assert Settings.model_validate(merged()).worker.rocksdb_wal is False
+    on = Settings.model_validate(merged(worker={"rocksdb_wal": True}))
+    assert on.worker.rocksdb_wal is True
+    errors = errors_of(merged(worker={"rocksdb_wal": "sometimes"}))
+    assert any(e.startswith("worker.rocksdb_wal:") for e in errors), errors

@@ -82,7 +82,7 @@ async def users_table_keys_metric(dep: Deployment) -> float:
         (1, {}, ("write_buffer_size=16777216", "max_write_buffer_number=2",
                  "capacity : 8388608")),
         (16384, {"worker.rocksdb_write_buffer_mb": 4, "worker.rocksdb_write_buffers": 3,
-                 "worker.rocksdb_block_cache_mb": 2},
+                 "worker.rocksdb_block_cache_mb": 2, "worker.rocksdb_wal": True},
          ("write_buffer_size=4194304", "max_write_buffer_number=3", "capacity : 2097152")),
     ],
 )
@@ -95,7 +95,9 @@ async def test_table_writes_reach_changelog_and_store_like_faust(
 ) -> None:
     """1 byte: every changelog record in its own batch (what the embedded broker needs);
     16 KiB: many records per batch (Apache Kafka's default). Also: the stores get the
-    configured RocksDB memory, and /metrics counts the users table's keys."""
+    configured RocksDB memory and write-ahead log (off by default; a clean stop still
+    leaves every write and the persisted offsets on disk), and /metrics counts the users
+    table's keys."""
     dep = deployment_factory(
         simulator.url, **{"worker.producer_max_batch_size": batch_bytes, **memory}
     )
@@ -145,6 +147,14 @@ async def test_table_writes_reach_changelog_and_store_like_faust(
         assert orjson.loads(values[0])["event"]["anonymousId"] == ident.decode()
 
     assert await users_table_keys_metric(dep) == n
+
+    users_stores = list((dep.tmp / "worker0").rglob("users-*.db"))
+    assert users_stores
+    wal_bytes = sum(f.stat().st_size for d in users_stores for f in d.glob("*.log"))
+    if memory.get("worker.rocksdb_wal"):
+        assert wal_bytes > 0
+    else:
+        assert wal_bytes == 0
 
     w.stop()
     for db_dir in (dep.tmp / "worker0").rglob("users-*.db"):
