@@ -49,6 +49,7 @@ encoding the object again.
 from __future__ import annotations
 
 import hashlib
+import re
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -104,6 +105,10 @@ REASONS: Final = (
 _EPOCH_NAIVE: Final = datetime(1970, 1, 1)
 _EPOCH_AWARE: Final = datetime(1970, 1, 1, tzinfo=UTC)
 _TS_FIELDS: Final = ("timestamp", "originalTimestamp", "sentAt", "receivedAt")
+#: What :func:`format_ts_ms` writes. A ``timestamp`` of this form that parsed is given
+#: back unchanged by formatting its own time (every field is digits of a fixed width,
+#: in range since it parsed), so it is kept without formatting it again.
+_CANONICAL_TS: Final = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
 
 
 @dataclass(slots=True)
@@ -179,8 +184,10 @@ def _coerce_id_in_place(event: dict[str, Any], key: str) -> str | None:
     return result
 
 
-def _event_time_ms(event: dict[str, Any], fallback_ts_ms: int | None) -> int | InvalidEvent:
-    parsed: dict[str, int] = {}
+def _event_time_ms(
+    event: dict[str, Any], fallback_ts_ms: int | None, parsed: dict[str, int]
+) -> int | InvalidEvent:
+    """The event time; ``parsed`` receives each timestamp field's own time."""
     for field in _TS_FIELDS:
         value = event.get(field)
         if value is None or value == "":
@@ -286,15 +293,22 @@ def validate_event(
             INVALID_MESSAGE_ID, f"messageId must be a string, got {type(message_id).__name__}"
         )
 
-    ts = _event_time_ms(event, fallback_ts_ms)
+    parsed: dict[str, int] = {}
+    ts = _event_time_ms(event, fallback_ts_ms, parsed)
     if isinstance(ts, InvalidEvent):
         return ts
-    try:
-        timestamp = format_ts_ms(ts)
-    except OverflowError:
-        return InvalidEvent(INVALID_TIMESTAMP, f"event time {ts} ms is out of range")
-    if event.get("timestamp") != timestamp:
-        event["timestamp"] = timestamp
-        as_received = False
+    stamp = event.get("timestamp")
+    if (
+        parsed.get("timestamp") != ts
+        or type(stamp) is not str
+        or not _CANONICAL_TS.fullmatch(stamp)
+    ):
+        try:
+            timestamp = format_ts_ms(ts)
+        except OverflowError:
+            return InvalidEvent(INVALID_TIMESTAMP, f"event time {ts} ms is out of range")
+        if stamp != timestamp:
+            event["timestamp"] = timestamp
+            as_received = False
 
     return ValidEvent(event, ev_type, message_id, anonymous_id, user_id, ts, as_received)

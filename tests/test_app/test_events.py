@@ -405,12 +405,39 @@ def test_fallback_to_wall_clock_without_kafka_timestamp() -> None:
         ("2024-05-01", "2024-05-01T00:00:00.000Z"),
         ("2024-05-01T00:30:00+01:00", "2024-04-30T23:30:00.000Z"),
         ("1969-12-31T23:59:59.999Z", "1969-12-31T23:59:59.999Z"),
+        # The canonical length and punctuation, another spelling (ISO week date).
+        ("2024-W18-3T12:00:00.123Z", "2024-05-01T12:00:00.123Z"),
     ],
 )
 def test_timestamp_formats(text: str, normalised: str) -> None:
     ev = ok(make(timestamp=text))
     assert ev.event["timestamp"] == normalised
     assert format_ts_ms(ev.ts_ms) == normalised
+
+
+def test_canonical_timestamp_kept_exactly_as_formatting_would_write_it() -> None:
+    """A timestamp already in the written form is not formatted again: what it keeps
+    must be what formatting its time gives, across the whole range of years."""
+    import random
+
+    rng = random.Random(5)
+    lo, hi = parse_iso8601_ms("0001-01-01T00:00:00Z"), parse_iso8601_ms("9999-12-31T23:59:59.999Z")
+    for ms in [lo, hi, -1, 0, 1, *(rng.randrange(lo, hi + 1) for _ in range(2000))]:
+        text = format_ts_ms(ms)
+        ev = ok(make(timestamp=text))
+        assert (ev.event["timestamp"], ev.ts_ms, ev.as_received) == (text, ms, True)
+
+
+def test_canonical_timestamp_rewritten_when_skew_correction_decides() -> None:
+    event = make(
+        timestamp="2024-05-01T09:00:00.000Z",
+        originalTimestamp="2024-05-01T09:00:00.000Z",
+        sentAt="2024-05-01T09:00:01.000Z",
+        receivedAt="2024-05-01T09:00:02.250Z",
+    )
+    ev = ok(event)
+    assert ev.event["timestamp"] == "2024-05-01T09:00:01.250Z"
+    assert not ev.as_received
 
 
 def test_parse_and_format_helpers() -> None:
