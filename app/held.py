@@ -63,6 +63,14 @@ class HeldEvents(Mapping[str, list[dict[str, Any]]]):
             return []
         return [HeldEntry(int(s), int(t), int(h)) for s, t, h in header["held"]]
 
+    def held_before(self, ident: str, cutoff_ms: int) -> set[int]:
+        """Sequence numbers of ``ident``'s events held before ``cutoff_ms`` (read from
+        the index alone: this runs for every event held)."""
+        header = self._header(ident)
+        if header is None:
+            return set()
+        return {int(e[0]) for e in header["held"] if int(e[2]) < cutoff_ms}
+
     def count(self, ident: str) -> int:
         header = self._header(ident)
         return 0 if header is None else len(header["held"])

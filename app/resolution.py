@@ -336,10 +336,8 @@ class IdentityResolver:
         return self._expire(ident, self.now_ms())
 
     def _expire(self, ident: str, now: int) -> list[Emit]:
-        expired = {
-            e.seq for e in self.state.held.entries(ident)
-            if now - e.held_at > self.hold_expiry_ms
-        }
+        # held_at < now - expiry  <=>  now - held_at > expiry
+        expired = self.state.held.held_before(ident, now - self.hold_expiry_ms)
         out: list[Emit] = []
         for item in self.state.held.take(ident, expired):
             self.stats.expired += 1

@@ -112,3 +112,15 @@ def test_resolver_overflow_and_expiry_read_only_what_they_drop() -> None:
     assert set(items) == {item_key("a1", 0)}
     assert items.writes == {item_key("a1", 0): 2, item_key("a1", 1): 1,
                             item_key("a1", 2): 1, item_key("a1", 3): 1}
+
+
+def test_held_before_names_the_events_held_strictly_before_the_cutoff() -> None:
+    held = HeldEvents({}, {})
+    for seq, held_at in enumerate((100, 200, 200, 300)):
+        held.add("a1", msg(f"m{seq}", 10), 10, held_at)
+    assert held.held_before("a1", 100) == set()
+    assert held.held_before("a1", 201) == {0, 1, 2}
+    assert held.held_before("a1", 10_000) == {0, 1, 2, 3}
+    assert held.held_before("nobody", 10_000) == set()
+    held.take("a1", {1})
+    assert held.held_before("a1", 201) == {0, 2}
