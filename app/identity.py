@@ -101,40 +101,44 @@ class UserRecord:
         Only ``primary_key`` is required (``ValueError`` otherwise). Unknown keys are ignored
         (written by a newer version); ids that are not strings are dropped.
         """
-        pk = data.get("primary_key")
+        # Read for every event of a known contact: exact types (what orjson gives for a
+        # stored record) are taken with one check each, anything else converted.
+        get = data.get
+        pk = get("primary_key")
         if not isinstance(pk, str) or not pk:
             raise ValueError("user record without a primary_key")
-        first = _as_int(data.get("first_seen_ms"), 0)
-        last = _as_int(data.get("last_seen_ms"), first)
-        fields_sent = data.get("fields_sent")
-        counts = data.get("counts_by_type")
-        audiences = data.get("audiences")
-        audiences_at = data.get("audiences_at")
-        fields_at = data.get("fields_at")
-        seen = data.get("seen")
+        first = get("first_seen_ms")
+        if type(first) is not int:
+            first = _as_int(first, 0)
+        last = get("last_seen_ms")
+        if type(last) is not int:
+            last = _as_int(last, first)
+        count = get("event_count")
+        if type(count) is not int:
+            count = _as_int(count, 0)
+        version = get("version")
+        if type(version) is not int:
+            version = _as_int(version, SCHEMA_VERSION)
+        audiences = get("audiences")
         return cls(
             primary_key=pk,
-            user_ids=_str_list(data.get("user_ids")),
-            anonymous_ids=_str_list(data.get("anonymous_ids")),
+            user_ids=_str_list(get("user_ids")),
+            anonymous_ids=_str_list(get("anonymous_ids")),
             first_seen_ms=first,
             last_seen_ms=last,
-            fields_sent=(
-                {str(k): v for k, v in fields_sent.items()}
-                if isinstance(fields_sent, Mapping)
-                else {}
-            ),
-            event_count=_as_int(data.get("event_count"), 0),
-            counts_by_type=_int_map(counts),
-            created_in_emarsys=bool(data.get("created_in_emarsys", False)),
-            version=_as_int(data.get("version"), SCHEMA_VERSION),
+            fields_sent=_str_key_map(get("fields_sent")),
+            event_count=count,
+            counts_by_type=_int_map(get("counts_by_type")),
+            created_in_emarsys=bool(get("created_in_emarsys", False)),
+            version=version,
             audiences=(
                 {str(k): v for k, v in audiences.items() if isinstance(v, bool)}
-                if isinstance(audiences, Mapping)
+                if audiences is not None and isinstance(audiences, Mapping)
                 else {}
             ),
-            audiences_at=_int_map(audiences_at),
-            fields_at=_int_map(fields_at),
-            seen=_int_map(seen),
+            audiences_at=_int_map(get("audiences_at")),
+            fields_at=_int_map(get("fields_at")),
+            seen=_int_map(get("seen")),
         )
 
 
@@ -143,11 +147,27 @@ def _int_map(value: Any) -> dict[str, int]:
     if type(value) is dict:
         # What orjson gives for a stored record: str keys and int values, checked in one
         # pass instead of converting entry by entry (``seen`` grows with every event).
-        if all(type(k) is str and type(v) is int for k, v in value.items()):
-            return dict(value)
-    elif not isinstance(value, Mapping):
+        for k, v in value.items():
+            if type(k) is not str or type(v) is not int:
+                break
+        else:
+            return value.copy()
+    elif value is None or not isinstance(value, Mapping):
         return {}
     return {str(k): _as_int(v, 0) for k, v in value.items()}
+
+
+def _str_key_map(value: Any) -> dict[str, Any]:
+    """A mapping with its keys as str (a copy); anything else is empty."""
+    if type(value) is dict:
+        for k in value:
+            if type(k) is not str:
+                break
+        else:
+            return value.copy()
+    elif value is None or not isinstance(value, Mapping):
+        return {}
+    return {str(k): v for k, v in value.items()}
 
 
 def _as_int(value: Any, default: int) -> int:
@@ -161,7 +181,14 @@ def _as_int(value: Any, default: int) -> int:
 
 
 def _str_list(value: Any) -> list[str]:
-    if not isinstance(value, list | tuple):
+    """The non-empty str entries of a list or tuple (a copy); anything else is empty."""
+    if type(value) is list:
+        for v in value:
+            if type(v) is not str or not v:
+                break
+        else:
+            return value.copy()
+    elif not isinstance(value, list | tuple):
         return []
     return [v for v in value if isinstance(v, str) and v]
 

@@ -214,6 +214,38 @@ def test_from_dict_tolerates_wrong_types() -> None:
     assert rec.version == 2
 
 
+def test_from_dict_converts_what_orjson_would_never_give() -> None:
+    """Python-built input (the fast path takes only exact orjson types) is converted."""
+    from types import MappingProxyType
+
+    rec = UserRecord.from_dict(
+        {
+            "primary_key": PK,
+            "user_ids": ("u1", "", 3, "u2"),
+            "anonymous_ids": ["a1", ""],
+            "fields_sent": {1: "Ann", "2": "Smith"},
+            "counts_by_type": MappingProxyType({"track": 3}),
+            "seen": {"m1": True, "m2": 2.0, 3: 4},
+            "audiences_at": None,
+            "event_count": 7.0,
+            "version": False,
+        }
+    )
+    assert (rec.user_ids, rec.anonymous_ids) == (["u1", "u2"], ["a1"])
+    assert rec.fields_sent == {"1": "Ann", "2": "Smith"}
+    assert rec.counts_by_type == {"track": 3}
+    assert rec.seen == {"m1": 0, "m2": 2, "3": 4}
+    assert rec.audiences_at == {}
+    assert (rec.event_count, rec.version) == (7, SCHEMA_VERSION)
+    stored = {"primary_key": PK, "user_ids": ["u1"], "seen": {"m1": 1}, "fields_sent": {"1": 2}}
+    back = UserRecord.from_dict(stored)
+    back.user_ids.append("u9")
+    back.seen["m2"] = 2
+    back.fields_sent["3"] = 4
+    assert stored == {"primary_key": PK, "user_ids": ["u1"], "seen": {"m1": 1},
+                      "fields_sent": {"1": 2}}  # copies, never the input's containers
+
+
 @pytest.mark.parametrize("data", [{}, {"primary_key": ""}, {"primary_key": 5}])
 def test_from_dict_requires_primary_key(data: dict[str, Any]) -> None:
     with pytest.raises(ValueError, match="primary_key"):
