@@ -187,17 +187,17 @@ def unpack(
         records: list[tuple[str, dict[str, Any]]] = []
         bad: list[MalformedRecord] = []
         for item in batch:
-            if (
-                isinstance(item, dict)
-                and isinstance(item.get("key"), str)
-                and isinstance(item.get("value"), dict)
-            ):
-                records.append((item["key"], item["value"]))
-            else:
-                bad.append(MalformedRecord(
-                    "envelope record without a string key and an object value",
-                    orjson.dumps(item),
-                ))
+            # Exact types: this is what orjson.loads gives (no subclasses).
+            if type(item) is dict:
+                k = item.get("key")
+                v = item.get("value")
+                if type(k) is str and type(v) is dict:
+                    records.append((k, v))
+                    continue
+            bad.append(MalformedRecord(
+                "envelope record without a string key and an object value",
+                orjson.dumps(item),
+            ))
         return records, bad
     if key is None:
         return [], [MalformedRecord("single record without a Kafka key", raw)]

@@ -131,8 +131,11 @@ def test_unpack_reports_what_is_not_a_record(
 def test_unpack_keeps_good_records_next_to_bad_ones() -> None:
     value = orjson.dumps(
         {"records": [{"key": "a", "value": {"n": 1}}, {"key": 5, "value": {}}, "x",
+                     {"key": "c", "value": [1]}, {"key": "d"},
                      {"key": "b", "value": {"n": 2}}]}
     )
     records, bad = unpack(None, value)
     assert records == [("a", {"n": 1}), ("b", {"n": 2})]
-    assert [orjson.loads(b.raw) for b in bad] == [{"key": 5, "value": {}}, "x"]
+    assert [orjson.loads(b.raw) for b in bad] == [
+        {"key": 5, "value": {}}, "x", {"key": "c", "value": [1]}, {"key": "d"}
+    ]
