@@ -107,18 +107,8 @@ class UserRecord:
         pk = get("primary_key")
         if not isinstance(pk, str) or not pk:
             raise ValueError("user record without a primary_key")
-        first = get("first_seen_ms")
-        if type(first) is not int:
-            first = _as_int(first, 0)
-        last = get("last_seen_ms")
-        if type(last) is not int:
-            last = _as_int(last, first)
-        count = get("event_count")
-        if type(count) is not int:
-            count = _as_int(count, 0)
-        version = get("version")
-        if type(version) is not int:
-            version = _as_int(version, SCHEMA_VERSION)
+        first = _as_int(get("first_seen_ms"), 0)
+        last = _as_int(get("last_seen_ms"), first)
         audiences = get("audiences")
         return cls(
             primary_key=pk,
@@ -127,10 +117,10 @@ class UserRecord:
             first_seen_ms=first,
             last_seen_ms=last,
             fields_sent=_str_key_map(get("fields_sent")),
-            event_count=count,
+            event_count=_as_int(get("event_count"), 0),
             counts_by_type=_int_map(get("counts_by_type")),
             created_in_emarsys=bool(get("created_in_emarsys", False)),
-            version=version,
+            version=_as_int(get("version"), SCHEMA_VERSION),
             audiences=(
                 {str(k): v for k, v in audiences.items() if isinstance(v, bool)}
                 if audiences is not None and isinstance(audiences, Mapping)
