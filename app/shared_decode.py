@@ -59,7 +59,6 @@ class SharedDecodes:
         if max_records < 1:
             raise ValueError("max_records must be >= 1")
         self.max_records = max_records
-        self.readers = 0
         self._decode = decode
         # By id(message): Faust hands every reader the same Message object.
         self._entries: OrderedDict[int, _Entry] = OrderedDict()
@@ -74,8 +73,7 @@ class SharedDecodes:
     def join(self) -> SharedDecodeReader:
         """Register one more reader of the topic (at agent registration)."""
         self._positions.append({})
-        self.readers += 1
-        return SharedDecodeReader(self, self.readers - 1)
+        return SharedDecodeReader(self, len(self._positions) - 1)
 
     @property
     def held_records(self) -> int:
